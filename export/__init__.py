@@ -1,0 +1,1 @@
+"""tfloop export package."""

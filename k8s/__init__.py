@@ -1,0 +1,1 @@
+"""tfloop k8s package."""

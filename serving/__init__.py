@@ -1,0 +1,1 @@
+"""tfloop serving package."""

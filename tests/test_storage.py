@@ -1,0 +1,105 @@
+"""Code tier: the storage API behaves the same on local folders, file:// URIs and the GCS emulator."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+import storage
+
+pytestmark = pytest.mark.code
+
+
+@pytest.fixture(params=["local", "file-uri", "gcs"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "root")
+    if request.param == "file-uri":
+        return f"file://{tmp_path / 'root'}"
+    return request.getfixturevalue("gcs_bucket") + "/root"
+
+
+def test_write_read_list(root: str) -> None:
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"x")
+    storage.write_text(storage.join(root, "a", "b", "y.txt"), "why")
+    storage.write_bytes(storage.join(root, "c", "z.bin"), b"z")
+    assert storage.list_files(root) == ["a/b/y.txt", "a/x.bin", "c/z.bin"]
+    assert storage.list_dirs(root) == ["a", "c"]
+    assert storage.read_text(storage.join(root, "a", "b", "y.txt")) == "why"
+    assert storage.exists(storage.join(root, "a"))
+    assert storage.exists(storage.join(root, "a", "x.bin"))
+    assert not storage.exists(storage.join(root, "nope"))
+    assert storage.list_files(storage.join(root, "missing")) == []
+
+
+def test_write_if_absent_never_overwrites(root: str) -> None:
+    target = storage.join(root, "q", "item.json")
+    assert storage.write_if_absent(target, b"first") is True
+    assert storage.write_if_absent(target, b"second") is False
+    assert storage.read_bytes(target) == b"first"
+
+
+def test_copy_tree_writes_marker_last_and_roundtrips(root: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "variables").mkdir(parents=True)
+    (src / "saved_model.pb").write_bytes(b"pb")
+    (src / "variables" / "v.data").write_bytes(b"data")
+    assert storage.upload_tree(src, storage.join(root, "m", "1")) == 2
+    local = storage.download_tree(storage.join(root, "m", "1"), tmp_path / "back")
+    assert (local / "saved_model.pb").read_bytes() == b"pb"
+    assert (local / "variables" / "v.data").read_bytes() == b"data"
+    assert storage._ordered(["saved_model.pb", "variables/v.data"], ("saved_model.pb",))[-1] == "saved_model.pb"
+
+
+def test_move_and_delete(root: str) -> None:
+    src = storage.join(root, "pending", "cat", "a.jpg")
+    dst = storage.join(root, "consumed", "run1", "cat", "a.jpg")
+    storage.write_bytes(src, b"img")
+    storage.move(src, dst)
+    assert not storage.exists(src)
+    assert storage.read_bytes(dst) == b"img"
+    storage.write_bytes(src, b"other")
+    with pytest.raises(storage.StorageError, match="different file"):
+        storage.move(src, dst)
+    assert storage.read_bytes(src) == b"other"
+    storage.delete(storage.join(root, "consumed"), recursive=True)
+    assert not storage.exists(dst)
+
+
+def test_missing_file_is_a_clear_error(root: str) -> None:
+    with pytest.raises(storage.StorageError, match="cannot read"):
+        storage.read_bytes(storage.join(root, "absent.bin"))
+
+
+def test_concurrent_write_if_absent_local_has_one_winner(tmp_path: Path) -> None:
+    target = str(tmp_path / "race" / "item")
+    results: list[bool] = []
+    barrier = threading.Barrier(16)
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        results.append(storage.write_if_absent(target, f"writer-{i}".encode()))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(True) == 1
+    assert storage.read_bytes(target).startswith(b"writer-")
+
+
+def test_unreachable_bucket_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(storage.core, "GCS_TIMEOUT_SECONDS", 2.0)
+    with pytest.raises(storage.StorageError, match="unreachable|did not answer"):
+        storage.read_bytes("gs://nowhere/x")
+
+
+def test_bad_gcs_uri() -> None:
+    with pytest.raises(storage.StorageError, match="bucket name"):
+        storage.list_files("gs:///no-bucket")
