@@ -50,7 +50,7 @@ def test_copy_tree_writes_marker_last_and_roundtrips(root: str, tmp_path: Path) 
     local = storage.download_tree(storage.join(root, "m", "1"), tmp_path / "back")
     assert (local / "saved_model.pb").read_bytes() == b"pb"
     assert (local / "variables" / "v.data").read_bytes() == b"data"
-    assert storage._ordered(["saved_model.pb", "variables/v.data"], ("saved_model.pb",))[-1] == "saved_model.pb"
+    assert storage.core._ordered(["saved_model.pb", "variables/v.data"], ("saved_model.pb",))[-1] == "saved_model.pb"
 
 
 def test_move_and_delete(root: str) -> None:
