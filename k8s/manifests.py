@@ -1,0 +1,575 @@
+"""Pure functions that build and edit Kubernetes objects as plain dicts (camelCase, exactly as in YAML).
+
+The builders produce what ``k8s/manifests/*.yaml`` holds (tests keep the two equal), the editors return
+changed copies and never mutate their input, and the diff helpers show what an apply would change. Nothing
+here talks to a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from k8s.settings import DeployTarget, ServingSpec
+
+NAME_LABEL = "app.kubernetes.io/name"
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MODEL_NAME_LABEL = "tfloop.io/model-name"
+MODEL_VERSION_LABEL = "tfloop.io/model-version"
+MODEL_VERSION_ANNOTATION = "tfloop.io/model-version"
+RUN_ID_ANNOTATION = "tfloop.io/mlflow-run-id"
+IMAGE_ANNOTATION = "tfloop.io/image"
+CHANGE_CAUSE_ANNOTATION = "kubernetes.io/change-cause"
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
+SERVING_CONTAINER = "serving"
+MODELS_DIR = "/models"
+CACHE_DIR = "/cache"
+
+Obj = dict[str, Any]
+
+
+def selector_labels(spec: ServingSpec) -> dict[str, str]:
+    """The Deployment's selector: stable across versions (a selector cannot change after creation)."""
+    return {NAME_LABEL: spec.app_name}
+
+
+def common_labels(spec: ServingSpec) -> dict[str, str]:
+    return {**selector_labels(spec), PART_OF_LABEL: "tfloop", COMPONENT_LABEL: "serving"}
+
+
+def _metadata(spec: ServingSpec, name: str | None = None) -> Obj:
+    return {"name": name or spec.app_name, "labels": common_labels(spec)}
+
+
+def model_labels(target: DeployTarget) -> dict[str, str]:
+    return {MODEL_NAME_LABEL: target.model_name, MODEL_VERSION_LABEL: str(target.version)}
+
+
+def model_annotations(target: DeployTarget) -> dict[str, str]:
+    """Annotations naming what runs; the run id is always present ('' when unknown) so a patch replaces it."""
+    return {
+        MODEL_VERSION_ANNOTATION: str(target.version),
+        RUN_ID_ANNOTATION: target.run_id or "",
+        IMAGE_ANNOTATION: target.image,
+        **target.extra_annotations,
+    }
+
+
+def change_cause(target: DeployTarget) -> str:
+    return f"tfloop deploy {target.model_name} v{target.version} ({target.image})"
+
+
+def service_account(spec: ServingSpec) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(spec),
+        "automountServiceAccountToken": False,
+    }
+
+
+def config_map(spec: ServingSpec) -> Obj:
+    """Serving settings that do not change per model version (``TFLOOP_SERVE_*``, see serving/settings.py)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(spec, f"{spec.app_name}-settings"),
+        "data": {
+            "TFLOOP_SERVE_MODEL_BASE": MODELS_DIR,
+            "TFLOOP_SERVE_CACHE_DIR": f"{CACHE_DIR}/models",
+            "TFLOOP_SERVE_FEEDBACK_URI": spec.feedback_uri,
+            "TFLOOP_SERVE_PORT": str(spec.port),
+            "TFLOOP_SERVE_LOG_LEVEL": "info",
+        },
+    }
+
+
+def service(spec: ServingSpec) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(spec),
+            "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _probe(path: str, *, period_s: int, failure_threshold: int, timeout_s: int = 2) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period_s,
+        "timeoutSeconds": timeout_s,
+        "failureThreshold": failure_threshold,
+    }
+
+
+def deployment(spec: ServingSpec, *, target: DeployTarget) -> Obj:
+    """The serving Deployment for ``target``: zero-downtime rolling updates, probes, limits, non-root."""
+    startup_period_s = 5
+    template_labels = {**common_labels(spec), **model_labels(target)}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": spec.app_name,
+            "labels": dict(template_labels),
+            "annotations": {**model_annotations(target), CHANGE_CAUSE_ANNOTATION: change_cause(target)},
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "revisionHistoryLimit": spec.revision_history_limit,
+            "progressDeadlineSeconds": spec.progress_deadline_s,
+            "selector": {"matchLabels": selector_labels(spec)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": spec.max_surge},
+            },
+            "template": {
+                "metadata": {
+                    "labels": dict(template_labels),
+                    "annotations": {
+                        **model_annotations(target),
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(spec.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": spec.app_name,
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": spec.run_as_user,
+                        "runAsGroup": spec.run_as_user,
+                        "fsGroup": spec.run_as_user,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": SERVING_CONTAINER,
+                            "image": target.image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+                            "envFrom": [{"configMapRef": {"name": f"{spec.app_name}-settings"}}],
+                            "env": [
+                                {"name": "TFLOOP_SERVE_MODEL_NAME", "value": target.model_name},
+                                {"name": "TFLOOP_SERVE_VERSION_POLICY", "value": str(target.version)},
+                            ],
+                            "resources": {
+                                "requests": {"cpu": spec.cpu_request, "memory": spec.memory_request},
+                                "limits": {"cpu": spec.cpu_limit, "memory": spec.memory_limit},
+                            },
+                            "startupProbe": _probe(
+                                "/readyz",
+                                period_s=startup_period_s,
+                                failure_threshold=max(1, spec.startup_timeout_s // startup_period_s),
+                            ),
+                            "readinessProbe": _probe("/readyz", period_s=5, failure_threshold=3),
+                            "livenessProbe": _probe("/healthz", period_s=10, failure_threshold=3),
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "cache", "mountPath": CACHE_DIR},
+                                {"name": "tmp", "mountPath": "/tmp"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "cache", "emptyDir": {"sizeLimit": spec.cache_size_limit}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def horizontal_pod_autoscaler(spec: ServingSpec) -> Obj:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(spec),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.app_name},
+            "minReplicas": spec.min_replicas,
+            "maxReplicas": spec.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": spec.target_cpu_percent},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def pod_disruption_budget(spec: ServingSpec) -> Obj:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(spec),
+        "spec": {"minAvailable": spec.min_available, "selector": {"matchLabels": selector_labels(spec)}},
+    }
+
+
+def network_policy(spec: ServingSpec) -> Obj:
+    """Optional: only the serving port is reachable; egress stays open (GCS, Prefect events)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(spec),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(spec)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"port": spec.port, "protocol": "TCP"}]}],
+        },
+    }
+
+
+def serving_objects(
+    spec: ServingSpec, *, target: DeployTarget, network_policy_enabled: bool = False
+) -> list[Obj]:
+    """Every object of the serving stack, in apply order (the Deployment after what it references)."""
+    objects = [
+        service_account(spec),
+        config_map(spec),
+        service(spec),
+        deployment(spec, target=target),
+        horizontal_pod_autoscaler(spec),
+        pod_disruption_budget(spec),
+    ]
+    if network_policy_enabled:
+        objects.append(network_policy(spec))
+    return objects
+
+
+def prefect_gpu_job_template(
+    *,
+    image: str = "tfloop-train:latest",
+    gpu_count: int = 1,
+    node_selector: Mapping[str, str] | None = None,
+    toleration_key: str = "nvidia.com/gpu",
+) -> Obj:
+    """A base job template for a Prefect Kubernetes work pool whose jobs get ``gpu_count`` NVIDIA GPUs.
+
+    Use it with ``prefect work-pool create NAME --type kubernetes --base-job-template FILE.json``; every
+    ``{{ name }}`` is a Prefect job variable the deployment may override (``job_variables``).
+    """
+    selector = dict(node_selector or {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"})
+    return {
+        "job_configuration": {
+            "command": "{{ command }}",
+            "env": "{{ env }}",
+            "labels": "{{ labels }}",
+            "name": "{{ name }}",
+            "namespace": "{{ namespace }}",
+            "cluster_config": "{{ cluster_config }}",
+            "job_watch_timeout_seconds": "{{ job_watch_timeout_seconds }}",
+            "pod_watch_timeout_seconds": "{{ pod_watch_timeout_seconds }}",
+            "stream_output": "{{ stream_output }}",
+            "job_manifest": {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {
+                    "generateName": "{{ name }}-",
+                    "labels": "{{ labels }}",
+                    "namespace": "{{ namespace }}",
+                },
+                "spec": {
+                    "backoffLimit": 0,
+                    "ttlSecondsAfterFinished": "{{ finished_job_ttl }}",
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "serviceAccountName": "{{ service_account_name }}",
+                            "nodeSelector": "{{ node_selector }}",
+                            "tolerations": [
+                                {"key": toleration_key, "operator": "Exists", "effect": "NoSchedule"}
+                            ],
+                            "containers": [
+                                {
+                                    "name": "prefect-job",
+                                    "image": "{{ image }}",
+                                    "imagePullPolicy": "{{ image_pull_policy }}",
+                                    "args": "{{ command }}",
+                                    "env": "{{ env }}",
+                                    "resources": {
+                                        "requests": {
+                                            "cpu": "{{ cpu }}",
+                                            "memory": "{{ memory }}",
+                                            "nvidia.com/gpu": "{{ gpu_count }}",
+                                        },
+                                        "limits": {
+                                            "memory": "{{ memory }}",
+                                            "nvidia.com/gpu": "{{ gpu_count }}",
+                                        },
+                                    },
+                                }
+                            ],
+                        }
+                    },
+                },
+            },
+        },
+        "variables": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "title": "Name", "default": "tfloop-train"},
+                "namespace": {"type": "string", "title": "Namespace", "default": "tfloop"},
+                "image": {"type": "string", "title": "Image", "default": image},
+                "image_pull_policy": {
+                    "type": "string",
+                    "title": "Image pull policy",
+                    "default": "IfNotPresent",
+                    "enum": ["IfNotPresent", "Always", "Never"],
+                },
+                "command": {"type": "string", "title": "Command"},
+                "env": {
+                    "type": "object",
+                    "title": "Environment variables",
+                    "additionalProperties": {"type": "string"},
+                },
+                "labels": {"type": "object", "title": "Labels", "additionalProperties": {"type": "string"}},
+                "service_account_name": {
+                    "type": "string",
+                    "title": "Service account",
+                    "default": "tfloop-train",
+                },
+                "node_selector": {
+                    "type": "object",
+                    "title": "Node selector",
+                    "default": selector,
+                    "additionalProperties": {"type": "string"},
+                },
+                "gpu_count": {"type": "integer", "title": "GPUs per job", "default": gpu_count, "minimum": 0},
+                "cpu": {"type": "string", "title": "CPU request", "default": "4"},
+                "memory": {"type": "string", "title": "Memory request and limit", "default": "16Gi"},
+                "finished_job_ttl": {
+                    "type": "integer",
+                    "title": "Seconds to keep a finished job",
+                    "default": 3600,
+                },
+                "job_watch_timeout_seconds": {"type": "integer", "title": "Job watch timeout"},
+                "pod_watch_timeout_seconds": {
+                    "type": "integer",
+                    "title": "Pod watch timeout",
+                    "default": 300,
+                },
+                "stream_output": {"type": "boolean", "title": "Stream output", "default": True},
+                "cluster_config": {
+                    "title": "Cluster config",
+                    "allOf": [{"$ref": "#/definitions/KubernetesClusterConfig"}],
+                },
+            },
+            "definitions": {
+                "KubernetesClusterConfig": {
+                    "title": "KubernetesClusterConfig",
+                    "type": "object",
+                    "properties": {
+                        "config": {"title": "Config", "type": "object"},
+                        "context_name": {"title": "Context name", "type": "string"},
+                    },
+                    "required": ["config"],
+                    "block_type_slug": "kubernetes-cluster-config",
+                    "secret_fields": [],
+                    "block_schema_references": {},
+                }
+            },
+        },
+    }
+
+
+# ---- editors ------------------------------------------------------------------------------------------
+
+
+def point_at(deployment_obj: Obj, *, target: DeployTarget) -> Obj:
+    """A copy of a Deployment that runs ``target`` (image, model labels and annotations, version pin)."""
+    result = copy.deepcopy(deployment_obj)
+    metadata = result.setdefault("metadata", {})
+    metadata.setdefault("labels", {}).update(model_labels(target))
+    metadata.setdefault("annotations", {}).update(
+        {**model_annotations(target), CHANGE_CAUSE_ANNOTATION: change_cause(target)}
+    )
+    template = result["spec"]["template"]
+    template.setdefault("metadata", {}).setdefault("labels", {}).update(model_labels(target))
+    template["metadata"].setdefault("annotations", {}).update(model_annotations(target))
+    container = serving_container(result)
+    container["image"] = target.image
+    env = [
+        item
+        for item in container.get("env", [])
+        if item.get("name") not in {"TFLOOP_SERVE_MODEL_NAME", "TFLOOP_SERVE_VERSION_POLICY"}
+    ]
+    container["env"] = [
+        {"name": "TFLOOP_SERVE_MODEL_NAME", "value": target.model_name},
+        {"name": "TFLOOP_SERVE_VERSION_POLICY", "value": str(target.version)},
+        *env,
+    ]
+    return result
+
+
+def serving_container(deployment_obj: Mapping[str, Any]) -> Obj:
+    """The serving container of a Deployment (or ReplicaSet / pod template holder)."""
+    containers = deployment_obj["spec"]["template"]["spec"]["containers"]
+    for container in containers:
+        if container.get("name") == SERVING_CONTAINER:
+            return container
+    return containers[0]
+
+
+def without_replicas(obj: Obj) -> Obj:
+    """A copy of a Deployment without ``spec.replicas``: on update, the HorizontalPodAutoscaler owns it."""
+    result = copy.deepcopy(obj)
+    result.get("spec", {}).pop("replicas", None)
+    return result
+
+
+def revision(obj: Mapping[str, Any]) -> int:
+    """The ``deployment.kubernetes.io/revision`` of a Deployment or ReplicaSet (0 when missing)."""
+    value = (obj.get("metadata", {}).get("annotations") or {}).get(REVISION_ANNOTATION, "0")
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+def template_without_hash(template: Mapping[str, Any]) -> Obj:
+    """A pod template without the ``pod-template-hash`` label the controller adds to ReplicaSets."""
+    result = copy.deepcopy(dict(template))
+    labels = result.get("metadata", {}).get("labels")
+    if labels:
+        labels.pop(POD_TEMPLATE_HASH_LABEL, None)
+    return result
+
+
+def templates_equal(left: Mapping[str, Any], right: Mapping[str, Any]) -> bool:
+    """Equal pod templates, ignoring ``pod-template-hash`` (how ``kubectl`` matches a ReplicaSet)."""
+    return template_without_hash(left) == template_without_hash(right)
+
+
+def owned_by(obj: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
+    uid = owner.get("metadata", {}).get("uid")
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs) if uid else False
+
+
+def current_replicaset(
+    deployment_obj: Mapping[str, Any], replicasets: Iterable[Mapping[str, Any]]
+) -> Obj | None:
+    """The ReplicaSet whose template equals the Deployment's (the rollout's new one), if created yet."""
+    template = deployment_obj["spec"]["template"]
+    matches = [dict(rs) for rs in replicasets if templates_equal(rs["spec"]["template"], template)]
+    return max(matches, key=revision) if matches else None
+
+
+def rollback_replicaset(
+    replicasets: Iterable[Mapping[str, Any]],
+    *,
+    deployment_obj: Mapping[str, Any],
+    previous_revision: int | None = None,
+) -> Obj | None:
+    """The ReplicaSet to roll back to, as ``kubectl rollout undo`` picks it.
+
+    With ``previous_revision`` (the Deployment's revision before the rollout started) that ReplicaSet is
+    chosen, which stays right even if the failed rollout never got its own ReplicaSet. Without it, the
+    highest revision below the newest. None when there is nothing different to go back to.
+    """
+    candidates = sorted((dict(rs) for rs in replicasets), key=revision, reverse=True)
+    template = deployment_obj["spec"]["template"]
+    if previous_revision:
+        chosen = next((rs for rs in candidates if revision(rs) == previous_revision), None)
+    else:
+        chosen = candidates[1] if len(candidates) > 1 else None
+    if chosen is None or templates_equal(chosen["spec"]["template"], template):
+        return None
+    return chosen
+
+
+def merge_patch(current: Any, desired: Any) -> Any:
+    """The RFC 7386 JSON merge patch that turns ``current`` into ``desired`` (None deletes a key)."""
+    if not isinstance(current, Mapping) or not isinstance(desired, Mapping):
+        return copy.deepcopy(desired)
+    patch: Obj = {}
+    for key in current:
+        if key not in desired:
+            patch[key] = None
+    for key, value in desired.items():
+        if key not in current:
+            patch[key] = copy.deepcopy(value)
+        elif current[key] != value:
+            patch[key] = merge_patch(current[key], value)
+    return patch
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: what a server stores after a JSON merge patch (used for dry-run previews)."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(dict(target)) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = apply_merge_patch(result.get(key), value)
+    return result
+
+
+def project(live: Any, like: Any) -> Any:
+    """``live`` cut down to the keys ``like`` has (server defaults and status dropped, for readable diffs)."""
+    if isinstance(live, Mapping) and isinstance(like, Mapping):
+        return {key: project(live[key], like[key]) for key in like if key in live}
+    if isinstance(live, list) and isinstance(like, list):
+        return [project(item, like[index]) if index < len(like) else item for index, item in enumerate(live)]
+    return copy.deepcopy(live)
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def diff_objects(live: Mapping[str, Any] | None, desired: Mapping[str, Any], *, namespace: str) -> str:
+    """A unified YAML diff of what applying ``desired`` (as a merge patch) would change; '' when nothing."""
+    after = desired if live is None else project(apply_merge_patch(live, desired), desired)
+    before_text = "" if live is None else to_yaml(project(live, desired))
+    after_text = to_yaml(after)
+    if before_text == after_text:
+        return ""
+    label = f"{namespace}/{object_key(desired)}"
+    lines = difflib.unified_diff(
+        before_text.splitlines(keepends=True),
+        after_text.splitlines(keepends=True),
+        fromfile=f"live {label}" if live is not None else "/dev/null",
+        tofile=f"new {label}",
+    )
+    return "".join(lines)
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
+
+
+def packaged_manifests() -> dict[str, list[Obj]]:
+    """Every YAML file under ``k8s/manifests`` (file name -> its documents), as shipped in the package."""
+    folder = resources.files("k8s") / "manifests"
+    found: dict[str, list[Obj]] = {}
+    for entry in sorted(folder.iterdir(), key=lambda item: item.name):
+        if entry.name.endswith(".yaml"):
+            found[entry.name] = [doc for doc in yaml.safe_load_all(entry.read_text()) if doc]
+    return found

@@ -1,0 +1,598 @@
+"""Roll a model version out to Kubernetes, verify it, and roll back automatically when it fails.
+
+:func:`deploy` creates or updates the serving stack (get, then create or JSON-merge-patch), points the
+Deployment at the new image and model version, and waits like ``kubectl rollout status``: the observed
+generation caught up and updated, ready and available replicas equal to the desired count. It stops on
+``ProgressDeadlineExceeded``, on new pods that crash-loop or cannot pull their image, or on the caller's
+timeout, then smoke-tests the Service. On any failure it restores the previous ReplicaSet's pod template
+(what ``kubectl rollout undo`` does), waits for that to be healthy, and returns a failed
+:class:`RolloutResult` that says which condition, pod and event caused it. With ``maxUnavailable: 0`` the
+previous version keeps serving throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from k8s import manifests
+from k8s.client import Cluster, call, connect, ensure_namespace, is_not_found
+from k8s.errors import ClusterApiError, ClusterError
+from k8s.settings import ClusterSettings, DeployTarget, ServingSpec
+from k8s.smoke import SmokeResult, SmokeSettings, forward_service, smoke_test
+
+MERGE_PATCH = "application/merge-patch+json"
+IMMEDIATELY_FATAL = {
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "ErrImageNeverPull",
+}
+FATAL_AFTER_RESTARTS = {"CrashLoopBackOff", "RunContainerError", "CreateContainerError", "ErrImagePull"}
+
+ProgressCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodProblem:
+    """A new pod that will not become ready: which pod and container, and what Kubernetes says."""
+
+    pod: str
+    container: str
+    reason: str
+    message: str
+    restarts: int
+
+    def describe(self) -> str:
+        text = f"pod {self.pod} container {self.container}: {self.reason} (restarts: {self.restarts})"
+        return f"{text}: {self.message}" if self.message else text
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutStatus:
+    """One look at a Deployment, as ``kubectl rollout status`` judges it."""
+
+    done: bool
+    message: str
+    failure: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitOutcome:
+    ok: bool
+    reason: str
+    problems: list[PodProblem] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class RolloutResult:
+    """What happened: ``ok`` means the new version serves and passed its smoke test."""
+
+    ok: bool
+    reason: str
+    deployment: str
+    namespace: str
+    image: str
+    model_name: str
+    model_version: int
+    previous_image: str | None = None
+    previous_model_version: int | None = None
+    revision: int | None = None
+    rolled_back: bool = False
+    rollback_ok: bool | None = None
+    dry_run: bool = False
+    changed: list[str] = field(default_factory=list)
+    diff: str = ""
+    events: list[str] = field(default_factory=list)
+    pod_problems: list[PodProblem] = field(default_factory=list)
+    smoke: SmokeResult | None = None
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- pure judgement ----------------------------------------------------------------------------------
+
+
+def rollout_status(deployment: Mapping[str, Any]) -> RolloutStatus:
+    """Judge a Deployment the way ``kubectl rollout status`` does (pure; no API calls)."""
+    name = deployment.get("metadata", {}).get("name", "?")
+    generation = deployment.get("metadata", {}).get("generation")
+    status = deployment.get("status") or {}
+    observed = status.get("observedGeneration")
+    if generation is None or observed is None or observed < generation:
+        return RolloutStatus(done=False, message=f"waiting for deployment {name} spec update to be observed")
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            detail = condition.get("message") or "no progress within progressDeadlineSeconds"
+            return RolloutStatus(
+                done=False,
+                message=detail,
+                failure=f"condition Progressing=False, reason ProgressDeadlineExceeded: {detail}",
+            )
+    desired = deployment.get("spec", {}).get("replicas", 1)
+    updated = status.get("updatedReplicas") or 0
+    total = status.get("replicas") or 0
+    available = status.get("availableReplicas") or 0
+    prefix = f"waiting for deployment {name} rollout to finish"
+    if updated < desired:
+        return RolloutStatus(done=False, message=f"{prefix}: {updated} of {desired} new replicas updated")
+    if total > updated:
+        return RolloutStatus(
+            done=False, message=f"{prefix}: {total - updated} old replicas pending termination"
+        )
+    if available < updated:
+        return RolloutStatus(
+            done=False, message=f"{prefix}: {available} of {updated} updated replicas available"
+        )
+    return RolloutStatus(
+        done=True, message=f"deployment {name} successfully rolled out ({available} available)"
+    )
+
+
+def pod_problems(pods: list[Mapping[str, Any]], *, crashloop_restarts: int = 2) -> list[PodProblem]:
+    """New pods that will not become ready: image pull failures, crash loops, bad container config."""
+    found: list[PodProblem] = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+        for container in statuses:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            restarts = int(container.get("restartCount") or 0)
+            fatal = reason in IMMEDIATELY_FATAL or (
+                reason in FATAL_AFTER_RESTARTS and restarts >= crashloop_restarts
+            )
+            if fatal:
+                last = (container.get("lastState") or {}).get("terminated") or {}
+                message = waiting.get("message") or ""
+                if last:
+                    message = (f"{message}; " if message else "") + (
+                        f"last exit code {last.get('exitCode')} ({last.get('reason', 'terminated')})"
+                    )
+                found.append(
+                    PodProblem(
+                        pod=pod["metadata"]["name"],
+                        container=container.get("name", "?"),
+                        reason=str(reason),
+                        message=message,
+                        restarts=restarts,
+                    )
+                )
+    return found
+
+
+def previous_model(deployment: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """The image and model version a live Deployment runs now."""
+    try:
+        image = manifests.serving_container(deployment).get("image")
+    except (KeyError, IndexError):
+        image = None
+    labels = deployment.get("spec", {}).get("template", {}).get("metadata", {}).get("labels") or {}
+    version = labels.get(manifests.MODEL_VERSION_LABEL)
+    return image, int(version) if version and str(version).isdigit() else None
+
+
+# ---- API helpers -------------------------------------------------------------------------------------
+
+_KINDS: dict[str, tuple[str, str, str]] = {
+    # kind -> (API group property on Cluster, method suffix, plural for messages)
+    "ServiceAccount": ("core", "service_account", "serviceaccounts"),
+    "ConfigMap": ("core", "config_map", "configmaps"),
+    "Service": ("core", "service", "services"),
+    "Deployment": ("apps", "deployment", "deployments"),
+    "HorizontalPodAutoscaler": ("autoscaling", "horizontal_pod_autoscaler", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy", "pod_disruption_budget", "poddisruptionbudgets"),
+    "NetworkPolicy": ("networking", "network_policy", "networkpolicies"),
+}
+
+
+def _api(cluster: Cluster, kind: str, action: str) -> tuple[Callable[..., Any], str]:
+    group, suffix, plural = _KINDS[kind]
+    return getattr(getattr(cluster, group), f"{action}_namespaced_{suffix}"), plural
+
+
+def read_object(cluster: Cluster, *, kind: str, name: str) -> dict[str, Any] | None:
+    """The live object, or None when it does not exist."""
+    method, plural = _api(cluster, kind, "read")
+    try:
+        return call(cluster, method, name, cluster.namespace, verb="get", resource=plural, name=name)
+    except ClusterApiError as error:
+        if is_not_found(error):
+            return None
+        raise
+
+
+def apply_object(
+    cluster: Cluster, obj: Mapping[str, Any], *, live: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Create ``obj``, or JSON-merge-patch the live one with it (no request when nothing changes)."""
+    name = obj["metadata"]["name"]
+    if live is None:
+        method, plural = _api(cluster, obj["kind"], "create")
+        body = {**obj, "metadata": {**obj["metadata"], "namespace": cluster.namespace}}
+        return call(cluster, method, cluster.namespace, body, verb="create", resource=plural, name=name)
+    if manifests.project(live, obj) == manifests.project(manifests.apply_merge_patch(live, obj), obj):
+        return dict(live)
+    method, plural = _api(cluster, obj["kind"], "patch")
+    return call(
+        cluster,
+        method,
+        name,
+        cluster.namespace,
+        obj,
+        verb="patch",
+        resource=plural,
+        name=name,
+        _content_type=MERGE_PATCH,
+    )
+
+
+def owned_replicasets(cluster: Cluster, deployment: Mapping[str, Any]) -> list[dict[str, Any]]:
+    selector = _label_selector(deployment["spec"]["selector"].get("matchLabels") or {})
+    answer = call(
+        cluster,
+        cluster.apps.list_namespaced_replica_set,
+        cluster.namespace,
+        label_selector=selector,
+        verb="list",
+        resource="replicasets",
+    )
+    return [rs for rs in answer.get("items", []) if manifests.owned_by(rs, deployment)]
+
+
+def _label_selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def _matches(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    have = obj.get("metadata", {}).get("labels") or {}
+    return all(have.get(key) == value for key, value in labels.items())
+
+
+def new_pods(
+    cluster: Cluster, deployment: Mapping[str, Any], replicaset: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Pods of the rollout's new ReplicaSet (selected by its ``pod-template-hash``)."""
+    labels = dict(deployment["spec"]["selector"].get("matchLabels") or {})
+    pod_hash = (replicaset["metadata"].get("labels") or {}).get(manifests.POD_TEMPLATE_HASH_LABEL)
+    if pod_hash:
+        labels[manifests.POD_TEMPLATE_HASH_LABEL] = pod_hash
+    answer = call(
+        cluster,
+        cluster.core.list_namespaced_pod,
+        cluster.namespace,
+        label_selector=_label_selector(labels),
+        verb="list",
+        resource="pods",
+    )
+    return [
+        pod
+        for pod in answer.get("items", [])
+        if _matches(pod, labels) and manifests.owned_by(pod, replicaset)
+    ]
+
+
+def warning_events(cluster: Cluster, *, names: set[str]) -> list[str]:
+    """Warning events about the named objects, oldest first, as ``Kind/name: Reason: message`` lines."""
+    if not names:
+        return []
+    answer = call(
+        cluster, cluster.core.list_namespaced_event, cluster.namespace, verb="list", resource="events"
+    )
+    lines = []
+    for event in answer.get("items", []):
+        involved = event.get("involvedObject") or {}
+        if involved.get("name") in names and event.get("type") == "Warning":
+            count = event.get("count") or 1
+            lines.append(
+                f"{involved.get('kind', '?')}/{involved.get('name')}: {event.get('reason')}: "
+                f"{event.get('message', '')}" + (f" (x{count})" if count > 1 else "")
+            )
+    return lines
+
+
+def wait_for_rollout(
+    cluster: Cluster,
+    *,
+    name: str,
+    timeout_s: float,
+    poll_interval_s: float,
+    crashloop_restarts: int = 2,
+    on_progress: ProgressCallback | None = None,
+) -> WaitOutcome:
+    """Wait until Deployment ``name`` has rolled out, or say precisely why it will not."""
+    deadline = time.monotonic() + timeout_s
+    last_message = ""
+    while True:
+        deployment = read_object(cluster, kind="Deployment", name=name)
+        if deployment is None:
+            return WaitOutcome(ok=False, reason=f"deployment {name} disappeared during the rollout")
+        status = rollout_status(deployment)
+        replicasets = owned_replicasets(cluster, deployment)
+        current = manifests.current_replicaset(deployment, replicasets)
+        pods = new_pods(cluster, deployment, current) if current else []
+        problems = pod_problems(pods, crashloop_restarts=crashloop_restarts)
+        if status.failure or problems:
+            names = {pod["metadata"]["name"] for pod in pods} | {name}
+            if current:
+                names.add(current["metadata"]["name"])
+            reason = status.failure or "; ".join(problem.describe() for problem in problems)
+            return WaitOutcome(
+                ok=False, reason=reason, problems=problems, events=warning_events(cluster, names=names)
+            )
+        if status.done:
+            _report(on_progress, status.message)
+            return WaitOutcome(ok=True, reason=status.message)
+        if status.message != last_message:
+            _report(on_progress, status.message)
+            last_message = status.message
+        if time.monotonic() >= deadline:
+            names = {pod["metadata"]["name"] for pod in pods} | {name}
+            return WaitOutcome(
+                ok=False,
+                reason=f"timed out after {timeout_s:g} s: {status.message}",
+                events=warning_events(cluster, names=names),
+            )
+        time.sleep(poll_interval_s)
+
+
+def _report(on_progress: ProgressCallback | None, message: str) -> None:
+    if on_progress is not None:
+        on_progress(message)
+
+
+def roll_back(
+    cluster: Cluster,
+    *,
+    name: str,
+    previous_revision: int | None,
+    previous_metadata: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Restore the previous ReplicaSet's pod template into the Deployment (``kubectl rollout undo``).
+
+    Returns the patched Deployment, or None when there is no previous revision to go back to. The
+    Deployment's own model labels and annotations are restored too, so it names what it runs again.
+    """
+    deployment = read_object(cluster, kind="Deployment", name=name)
+    if deployment is None:
+        return None
+    target = manifests.rollback_replicaset(
+        owned_replicasets(cluster, deployment), deployment_obj=deployment, previous_revision=previous_revision
+    )
+    if target is None:
+        return None
+    template = manifests.template_without_hash(target["spec"]["template"])
+    patch: dict[str, Any] = {
+        "spec": {"template": manifests.merge_patch(deployment["spec"]["template"], template)}
+    }
+    if previous_metadata is not None:
+        patch["metadata"] = {
+            part: _restore_tfloop_keys(
+                deployment["metadata"].get(part) or {}, previous_metadata.get(part) or {}
+            )
+            for part in ("labels", "annotations")
+        }
+    return call(
+        cluster,
+        cluster.apps.patch_namespaced_deployment,
+        name,
+        cluster.namespace,
+        patch,
+        verb="patch",
+        resource="deployments",
+        name=name,
+        _content_type=MERGE_PATCH,
+    )
+
+
+def _restore_tfloop_keys(current: Mapping[str, str], previous: Mapping[str, str]) -> dict[str, str | None]:
+    keys = {
+        key
+        for key in (*current, *previous)
+        if key.startswith("tfloop.io/") or key == manifests.CHANGE_CAUSE_ANNOTATION
+    }
+    return {key: previous.get(key) for key in keys if current.get(key) != previous.get(key)}
+
+
+# ---- the rollout -------------------------------------------------------------------------------------
+
+
+def deploy(
+    target: DeployTarget,
+    *,
+    settings: ClusterSettings,
+    spec: ServingSpec | None = None,
+    timeout_s: float = 600.0,
+    dry_run: bool = False,
+    smoke: SmokeSettings | None = None,
+    network_policy: bool = False,
+    crashloop_restarts: int = 2,
+    on_progress: ProgressCallback | None = None,
+) -> RolloutResult:
+    """Roll ``target`` out, verify it, and roll back on failure; see the module docstring.
+
+    Raises ``ClusterError`` subclasses for problems a user must fix before anything can be rolled out
+    (kubeconfig, context, unreachable server, RBAC, missing namespace). A rollout that fails after it
+    began is not an exception: the result has ``ok=False``, the reason, and whether the rollback worked.
+    """
+    spec = spec or ServingSpec()
+    smoke = smoke or SmokeSettings()
+    started = time.monotonic()
+    cluster = connect(settings=settings)
+    try:
+        result = _deploy(
+            cluster,
+            target,
+            spec=spec,
+            settings=settings,
+            timeout_s=timeout_s,
+            dry_run=dry_run,
+            smoke=smoke,
+            network_policy=network_policy,
+            crashloop_restarts=crashloop_restarts,
+            on_progress=on_progress,
+        )
+    finally:
+        cluster.close()
+    result.duration_s = round(time.monotonic() - started, 3)
+    return result
+
+
+def _deploy(
+    cluster: Cluster,
+    target: DeployTarget,
+    *,
+    spec: ServingSpec,
+    settings: ClusterSettings,
+    timeout_s: float,
+    dry_run: bool,
+    smoke: SmokeSettings,
+    network_policy: bool,
+    crashloop_restarts: int,
+    on_progress: ProgressCallback | None,
+) -> RolloutResult:
+    ensure_namespace(cluster)
+    desired = manifests.serving_objects(spec, target=target, network_policy_enabled=network_policy)
+    live = {
+        manifests.object_key(obj): read_object(cluster, kind=obj["kind"], name=obj["metadata"]["name"])
+        for obj in desired
+    }
+    live_deployment = live[f"Deployment/{spec.app_name}"]
+    if live_deployment is not None:
+        # The HorizontalPodAutoscaler owns the replica count once the Deployment exists.
+        desired = [manifests.without_replicas(obj) if obj["kind"] == "Deployment" else obj for obj in desired]
+    previous_image, previous_version = previous_model(live_deployment) if live_deployment else (None, None)
+    result = RolloutResult(
+        ok=False,
+        reason="",
+        deployment=spec.app_name,
+        namespace=cluster.namespace,
+        image=target.image,
+        model_name=target.model_name,
+        model_version=target.version,
+        previous_image=previous_image,
+        previous_model_version=previous_version,
+        dry_run=dry_run,
+    )
+    diffs = {
+        manifests.object_key(obj): manifests.diff_objects(
+            live[manifests.object_key(obj)], obj, namespace=cluster.namespace
+        )
+        for obj in desired
+    }
+    result.changed = [key for key, text in diffs.items() if text]
+    result.diff = "".join(diffs.values())
+    if dry_run:
+        result.ok = True
+        result.reason = (
+            f"dry run: {len(result.changed)} object(s) would change"
+            if result.changed
+            else "dry run: nothing would change"
+        )
+        return result
+
+    for obj in desired:
+        key = manifests.object_key(obj)
+        if obj["kind"] != "Deployment" and key in result.changed:
+            _report(on_progress, f"{'updating' if live[key] else 'creating'} {key}")
+            apply_object(cluster, obj, live=live[key])
+    previous_revision = manifests.revision(live_deployment) if live_deployment else None
+    template_changes = live_deployment is not None and f"Deployment/{spec.app_name}" in result.changed
+    _report(
+        on_progress, f"rolling {spec.app_name} out to {target.model_name} v{target.version} ({target.image})"
+    )
+    deployment = apply_object(
+        cluster, next(obj for obj in desired if obj["kind"] == "Deployment"), live=live_deployment
+    )
+    result.revision = manifests.revision(deployment) or None
+
+    outcome = wait_for_rollout(
+        cluster,
+        name=spec.app_name,
+        timeout_s=timeout_s,
+        poll_interval_s=settings.poll_interval_s,
+        crashloop_restarts=crashloop_restarts,
+        on_progress=on_progress,
+    )
+    if outcome.ok and smoke.enabled:
+        _report(on_progress, f"smoke test: {target.model_name} v{target.version}")
+        try:
+            with _smoke_url(cluster, spec=spec, smoke=smoke, in_cluster=settings.in_cluster) as url:
+                result.smoke = smoke_test(
+                    base_url=url,
+                    model_name=target.model_name,
+                    expected_version=target.version,
+                    sample_image=smoke.sample_image,
+                    predict=smoke.predict,
+                    timeout_s=smoke.timeout_s,
+                )
+        except ClusterError as error:
+            outcome = WaitOutcome(ok=False, reason=f"smoke test could not reach the service: {error}")
+        else:
+            if not result.smoke.ok:
+                outcome = WaitOutcome(
+                    ok=False, reason=f"smoke test failed at {result.smoke.url}: {result.smoke.message}"
+                )
+    latest = read_object(cluster, kind="Deployment", name=spec.app_name) or deployment
+    result.revision = manifests.revision(latest) or result.revision
+    result.events, result.pod_problems = outcome.events, outcome.problems
+    if outcome.ok:
+        result.ok, result.reason = True, outcome.reason
+        return result
+
+    result.reason = outcome.reason
+    if not template_changes:
+        result.reason += " (nothing to roll back to: " + (
+            "this was the first rollout)"
+            if live_deployment is None
+            else "the Deployment already ran this template)"
+        )
+        return result
+    _report(on_progress, f"rollout failed: {outcome.reason}; rolling back to {previous_image}")
+    restored = roll_back(
+        cluster,
+        name=spec.app_name,
+        previous_revision=previous_revision,
+        previous_metadata=(live_deployment or {}).get("metadata"),
+    )
+    if restored is None:
+        result.reason += " (no previous ReplicaSet found to roll back to)"
+        return result
+    result.rolled_back = True
+    back = wait_for_rollout(
+        cluster,
+        name=spec.app_name,
+        timeout_s=timeout_s,
+        poll_interval_s=settings.poll_interval_s,
+        crashloop_restarts=crashloop_restarts,
+        on_progress=on_progress,
+    )
+    result.rollback_ok = back.ok
+    result.revision = (
+        manifests.revision(read_object(cluster, kind="Deployment", name=spec.app_name) or {}) or None
+    )
+    result.reason += (
+        f"; rolled back to {previous_image} (model v{previous_version})"
+        if back.ok
+        else f"; rollback to {previous_image} did not become healthy: {back.reason}"
+    )
+    return result
+
+
+@contextlib.contextmanager
+def _smoke_url(
+    cluster: Cluster, *, spec: ServingSpec, smoke: SmokeSettings, in_cluster: bool
+) -> Iterator[str]:
+    if smoke.url:
+        yield smoke.url
+    elif in_cluster:
+        yield f"http://{spec.app_name}.{cluster.namespace}.svc:{spec.port}"
+    else:
+        with forward_service(cluster, service_name=spec.app_name, port=spec.port) as url:
+            yield url

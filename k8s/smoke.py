@@ -1,0 +1,225 @@
+"""Smoke test of a rolled-out model over the TF Serving REST API, and a port-forward to reach it.
+
+:func:`smoke_test` is plain HTTP (``GET /v1/models/<name>``, then one ``:predict`` with a sample image) so it
+works against any base URL: a port-forward opened by :func:`forward_service`, the in-cluster Service DNS
+name, an ingress, or a local server in tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from k8s.client import Cluster, call
+from k8s.errors import ClusterError
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmokeSettings:
+    """How to smoke-test a rollout: where the Service answers (None: port-forward) and what to send."""
+
+    enabled: bool = True
+    url: str | None = None
+    sample_image: bytes | None = None
+    timeout_s: float = 30.0
+    predict: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmokeResult:
+    ok: bool
+    url: str
+    expected_version: int
+    reported_versions: list[str]
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_png(*, size: int = 32) -> bytes:
+    """A small valid RGB PNG (a colour gradient), made without image libraries."""
+    rows = b"".join(
+        b"\x00" + bytes(value for x in range(size) for value in (x * 255 // size, y * 255 // size, 128))
+        for y in range(size)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def smoke_test(
+    *,
+    base_url: str,
+    model_name: str,
+    expected_version: int,
+    sample_image: bytes | None = None,
+    predict: bool = True,
+    timeout_s: float = 30.0,
+) -> SmokeResult:
+    """Check that ``model_name`` version ``expected_version`` is AVAILABLE and answers one prediction."""
+    url = base_url.rstrip("/")
+    try:
+        with httpx.Client(base_url=url, timeout=timeout_s) as http:
+            status = http.get(f"/v1/models/{model_name}")
+            if status.status_code != 200:
+                return _failed(
+                    url,
+                    expected_version,
+                    [],
+                    f"GET /v1/models/{model_name} answered {status.status_code}: {status.text[:200]}",
+                )
+            entries = status.json().get("model_version_status") or []
+            available = [str(entry.get("version")) for entry in entries if entry.get("state") == "AVAILABLE"]
+            if str(expected_version) not in available:
+                return _failed(
+                    url,
+                    expected_version,
+                    available,
+                    f"the service reports versions {available or 'none'} AVAILABLE, not {expected_version}",
+                )
+            if predict:
+                image = sample_image if sample_image is not None else sample_png()
+                body = {"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}
+                answer = http.post(f"/v1/models/{model_name}:predict", json=body)
+                predictions = answer.json().get("predictions") if answer.status_code == 200 else None
+                if not isinstance(predictions, list) or len(predictions) != 1:
+                    return _failed(
+                        url,
+                        expected_version,
+                        available,
+                        f"POST /v1/models/{model_name}:predict answered {answer.status_code}: "
+                        f"{answer.text[:200]}",
+                    )
+    except (httpx.HTTPError, ValueError) as error:
+        return _failed(url, expected_version, [], f"{type(error).__name__}: {error}")
+    return SmokeResult(
+        ok=True,
+        url=url,
+        expected_version=expected_version,
+        reported_versions=available,
+        message=f"version {expected_version} is AVAILABLE" + (" and predicts" if predict else ""),
+    )
+
+
+def _failed(url: str, expected: int, versions: list[str], message: str) -> SmokeResult:
+    return SmokeResult(
+        ok=False, url=url, expected_version=expected, reported_versions=versions, message=message
+    )
+
+
+@contextlib.contextmanager
+def forward_service(cluster: Cluster, *, service_name: str, port: int) -> Iterator[str]:
+    """Forward a local loopback port to a ready pod behind a Service; yields ``http://127.0.0.1:PORT``.
+
+    Like ``kubectl port-forward svc/NAME``: one ready pod is picked when the forward opens. Each local
+    connection gets its own port-forward stream (the client's websocket ``portforward``).
+    """
+    from kubernetes.stream import portforward
+
+    pod_name = _ready_pod(cluster, service_name=service_name)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    stopped = threading.Event()
+
+    def relay(local: socket.socket) -> None:
+        try:
+            forward = portforward(
+                cluster.core.connect_get_namespaced_pod_portforward,
+                pod_name,
+                cluster.namespace,
+                ports=str(port),
+            )
+            remote = forward.socket(port)
+            remote.setblocking(True)
+            pumps = [
+                threading.Thread(target=_pump, args=(local, remote), daemon=True),
+                threading.Thread(target=_pump, args=(remote, local), daemon=True),
+            ]
+            for pump in pumps:
+                pump.start()
+            for pump in pumps:
+                pump.join()
+            forward.close()
+        except (OSError, ValueError, RuntimeError):
+            local.close()
+
+    def accept_loop() -> None:
+        while not stopped.is_set():
+            try:
+                local, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=relay, args=(local,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept_loop, name="tfloop port-forward", daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stopped.set()
+        acceptor.join(timeout=2)
+        listener.close()
+
+
+def _pump(source: Any, sink: Any) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def _ready_pod(cluster: Cluster, *, service_name: str) -> str:
+    svc = call(
+        cluster,
+        cluster.core.read_namespaced_service,
+        service_name,
+        cluster.namespace,
+        verb="get",
+        resource="services",
+        name=service_name,
+    )
+    selector = ",".join(
+        f"{key}={value}" for key, value in (svc.get("spec", {}).get("selector") or {}).items()
+    )
+    pods = call(
+        cluster,
+        cluster.core.list_namespaced_pod,
+        cluster.namespace,
+        label_selector=selector,
+        verb="list",
+        resource="pods",
+    )
+    for pod in pods.get("items", []):
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue  # a terminating pod of the old version may still look ready
+        conditions = pod.get("status", {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            return str(pod["metadata"]["name"])
+    raise ClusterError(
+        f"no ready pod behind service {service_name!r} in namespace {cluster.namespace!r} to forward to: "
+        f"check `kubectl get pods -n {cluster.namespace} -l {selector}`, or pass a smoke-test URL"
+    )

@@ -1,0 +1,293 @@
+"""Manifests and pure functions of k8s/: the YAML parses into the official client's models without losing a
+field, the builders produce exactly what the YAML says, kustomize renders it offline, and the pure rollout
+helpers (status judgement, pod problems, rollback choice, merge patches, diffs) behave as Kubernetes does."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k8s import manifests
+from k8s.errors import InvalidTargetError
+from k8s.rollout import pod_problems, previous_model, rollout_status
+from k8s.settings import DeployTarget, ServingSpec
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "k8s" / "manifests"
+MODEL_CLASSES = {
+    "Deployment": "V1Deployment",
+    "Service": "V1Service",
+    "ConfigMap": "V1ConfigMap",
+    "ServiceAccount": "V1ServiceAccount",
+    "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler",
+    "PodDisruptionBudget": "V1PodDisruptionBudget",
+    "NetworkPolicy": "V1NetworkPolicy",
+    "Role": "V1Role",
+    "RoleBinding": "V1RoleBinding",
+}
+DEFAULT_TARGET = DeployTarget(image="tfloop-classifier:v1", model_name="tfloop-classifier", version=1)
+
+
+def yaml_documents() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(MANIFESTS.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        found.extend((path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return found
+
+
+@pytest.mark.parametrize(("file_name", "document"), yaml_documents(), ids=lambda value: str(value)[:40])
+def test_yaml_parses_into_the_official_models_without_losing_fields(file_name, document):
+    from kubernetes.client import ApiClient
+
+    api = ApiClient()
+    model = api.deserialize(json.dumps(document), MODEL_CLASSES[document["kind"]], "application/json")
+    assert type(model).__name__ == MODEL_CLASSES[document["kind"]]
+    # A misspelt or misplaced key would be dropped by the model and break this round trip.
+    assert api.sanitize_for_serialization(model) == document, file_name
+
+
+def test_builders_produce_what_the_yaml_says():
+    spec = ServingSpec()
+    files = {
+        "serviceaccount.yaml": manifests.service_account(spec),
+        "configmap.yaml": manifests.config_map(spec),
+        "service.yaml": manifests.service(spec),
+        "deployment.yaml": manifests.deployment(spec, target=DEFAULT_TARGET),
+        "hpa.yaml": manifests.horizontal_pod_autoscaler(spec),
+        "pdb.yaml": manifests.pod_disruption_budget(spec),
+        "networkpolicy.yaml": manifests.network_policy(spec),
+    }
+    shipped = manifests.packaged_manifests()
+    for file_name, built in files.items():
+        assert shipped[file_name] == [built], file_name
+    kinds = [obj["kind"] for obj in manifests.serving_objects(spec, target=DEFAULT_TARGET)]
+    assert kinds == [
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    ]
+
+
+def test_deployment_has_the_safety_properties_the_issue_asks_for():
+    deployment = manifests.deployment(ServingSpec(), target=DEFAULT_TARGET)
+    spec = deployment["spec"]
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert spec["revisionHistoryLimit"] > 1 and spec["progressDeadlineSeconds"] > 0
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 300
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert set(container["resources"]) == {"requests", "limits"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/cache"]]
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8501"
+    labels = spec["template"]["metadata"]["labels"]
+    assert (
+        labels[manifests.MODEL_NAME_LABEL] == "tfloop-classifier"
+        and labels[manifests.MODEL_VERSION_LABEL] == "1"
+    )
+    # The selector must not contain per-version labels: it is immutable after creation.
+    assert set(spec["selector"]["matchLabels"]) == {manifests.NAME_LABEL}
+
+
+def test_kustomize_renders_offline_into_the_namespace():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot check `kubectl kustomize k8s/manifests`")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    objects = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    kinds = sorted(f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects)
+    assert "Deployment/tfloop-serving" in kinds and "HorizontalPodAutoscaler/tfloop-serving" in kinds
+    assert "Role/tfloop-deployer" in kinds and "NetworkPolicy/tfloop-serving" not in kinds
+    assert all(obj["metadata"]["namespace"] == "tfloop" for obj in objects)
+
+
+def test_prefect_gpu_job_template_file_matches_builder_and_requests_a_gpu():
+    shipped = json.loads((MANIFESTS / "prefect" / "gpu-job-template.json").read_text())
+    assert shipped == manifests.prefect_gpu_job_template()
+    pod = shipped["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    assert pod["nodeSelector"] == "{{ node_selector }}"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    variables = shipped["variables"]["properties"]
+    assert variables["gpu_count"]["default"] == 1 and variables["node_selector"]["default"]
+    placeholders = json.dumps(shipped["job_configuration"])
+    for name in variables:
+        if name != "cluster_config":
+            assert "{{ " + name + " }}" in placeholders, name
+
+
+def test_point_at_changes_image_labels_annotations_and_pin_without_mutating():
+    original = manifests.deployment(ServingSpec(), target=DEFAULT_TARGET)
+    before = copy.deepcopy(original)
+    target = DeployTarget(image="reg/m:v7", model_name="tfloop-classifier", version=7, run_id="abc123")
+    changed = manifests.point_at(original, target=target)
+    assert original == before
+    assert changed == manifests.deployment(ServingSpec(), target=target)
+    assert previous_model(changed) == ("reg/m:v7", 7)
+    assert changed["spec"]["template"]["metadata"]["annotations"][manifests.RUN_ID_ANNOTATION] == "abc123"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"image": "", "model_name": "m", "version": 1},
+        {"image": "a b", "model_name": "m", "version": 1},
+        {"image": "i", "model_name": "-bad-", "version": 1},
+        {"image": "i", "model_name": "m" * 64, "version": 1},
+        {"image": "i", "model_name": "m", "version": 0},
+    ],
+)
+def test_invalid_targets_are_refused_with_a_fix(kwargs):
+    with pytest.raises(InvalidTargetError, match=r"(pass|use)"):
+        DeployTarget(**kwargs)
+
+
+def test_merge_patch_round_trips():
+    current = {"a": 1, "b": {"c": 2, "d": [1, 2]}, "gone": {"x": 1}}
+    desired = {"a": 1, "b": {"c": 3, "d": [2]}, "new": "yes"}
+    patch = manifests.merge_patch(current, desired)
+    assert patch == {"b": {"c": 3, "d": [2]}, "new": "yes", "gone": None}
+    assert manifests.apply_merge_patch(current, patch) == desired
+    assert manifests.merge_patch(desired, desired) == {}
+
+
+def test_diff_shows_image_change_and_nothing_for_equal_objects():
+    spec = ServingSpec()
+    live = manifests.deployment(spec, target=DEFAULT_TARGET)
+    live["status"] = {"replicas": 2}
+    live["spec"]["template"]["spec"]["dnsPolicy"] = "ClusterFirst"  # a server default
+    new = manifests.deployment(
+        spec, target=DeployTarget(image="tfloop-classifier:v2", model_name="tfloop-classifier", version=2)
+    )
+    text = manifests.diff_objects(live, new, namespace="tfloop")
+    assert "-        image: tfloop-classifier:v1" in text and "+        image: tfloop-classifier:v2" in text
+    assert "status" not in text and "dnsPolicy" not in text
+    assert (
+        manifests.diff_objects(live, manifests.deployment(spec, target=DEFAULT_TARGET), namespace="tfloop")
+        == ""
+    )
+    assert manifests.diff_objects(None, new, namespace="tfloop").startswith("--- /dev/null")
+
+
+def _rs(name, revision, image, uid="dep-uid"):
+    template = manifests.deployment(
+        ServingSpec(), target=DeployTarget(image=image, model_name="m", version=1)
+    )
+    template = copy.deepcopy(template["spec"]["template"])
+    template["metadata"]["labels"][manifests.POD_TEMPLATE_HASH_LABEL] = name
+    return {
+        "metadata": {
+            "name": name,
+            "annotations": {manifests.REVISION_ANNOTATION: str(revision)},
+            "ownerReferences": [{"uid": uid}],
+        },
+        "spec": {"template": template},
+    }
+
+
+def test_rollback_replicaset_choice():
+    deployment = {
+        "metadata": {"uid": "dep-uid"},
+        "spec": {"template": manifests.template_without_hash(_rs("c", 3, "m:v3")["spec"]["template"])},
+    }
+    sets = [_rs("a", 1, "m:v1"), _rs("b", 2, "m:v2"), _rs("c", 3, "m:v3")]
+    assert manifests.current_replicaset(deployment, sets)["metadata"]["name"] == "c"
+    assert manifests.rollback_replicaset(sets, deployment_obj=deployment)["metadata"]["name"] == "b"
+    # The failed rollout never got its own ReplicaSet: the remembered revision still picks the right one.
+    assert (
+        manifests.rollback_replicaset(sets[:2], deployment_obj=deployment, previous_revision=2)["metadata"][
+            "name"
+        ]
+        == "b"
+    )
+    assert manifests.rollback_replicaset(sets, deployment_obj=deployment, previous_revision=3) is None
+    assert manifests.rollback_replicaset(sets[2:], deployment_obj=deployment) is None
+    assert manifests.owned_by(sets[0], deployment) and not manifests.owned_by(
+        _rs("x", 1, "i", uid="other"), deployment
+    )
+
+
+def _deployment(generation=2, observed=2, replicas=2, updated=2, total=2, available=2, conditions=()):
+    return {
+        "metadata": {"name": "d", "generation": generation},
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": observed,
+            "updatedReplicas": updated,
+            "replicas": total,
+            "availableReplicas": available,
+            "conditions": list(conditions),
+        },
+    }
+
+
+def test_rollout_status_follows_kubectl():
+    assert not rollout_status(_deployment(observed=1)).done
+    assert "observed" in rollout_status(_deployment(observed=1)).message
+    assert "1 of 2 new replicas" in rollout_status(_deployment(updated=1, total=3)).message
+    assert "1 old replicas pending" in rollout_status(_deployment(total=3)).message
+    assert "1 of 2 updated replicas available" in rollout_status(_deployment(available=1)).message
+    assert rollout_status(_deployment()).done
+    stalled = _deployment(
+        updated=1,
+        conditions=[
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "timed out",
+            }
+        ],
+    )
+    assert "ProgressDeadlineExceeded" in rollout_status(stalled).failure
+
+
+def _pod(reason, restarts, name="p"):
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "serving",
+                    "restartCount": restarts,
+                    "state": {"waiting": {"reason": reason, "message": "m"}},
+                }
+            ]
+        },
+    }
+
+
+def test_pod_problems_detects_crash_loops_and_pull_failures():
+    assert pod_problems([_pod("CrashLoopBackOff", 1)], crashloop_restarts=2) == []
+    problems = pod_problems(
+        [
+            _pod("CrashLoopBackOff", 2, "a"),
+            _pod("ImagePullBackOff", 0, "b"),
+            _pod("ContainerCreating", 0, "c"),
+        ]
+    )
+    assert [(p.pod, p.reason) for p in problems] == [("a", "CrashLoopBackOff"), ("b", "ImagePullBackOff")]
+    assert "pod a container serving: CrashLoopBackOff" in problems[0].describe()

@@ -1,0 +1,429 @@
+"""Rollouts through the official client against a Kubernetes API emulator on loopback (tests/k8s_sim.py).
+
+The emulator is kmock's ``KubernetesEmulator`` with generations, namespaces and RBAC refusals added; a
+simulated Deployment controller (an asyncio task beside it) rolls pods that become ready, crash-loop, fail
+to pull, or never get ready, as each test chooses. Known gaps of the emulator, all documented in
+tests/k8s_sim.py: JSON merge patches only (tfloop sends nothing else), no server-side selectors (tfloop
+filters lists itself too), no port-forward websockets (the smoke test gets a local URL instead; the real
+port-forward is covered by the opt-in cluster test in tests/test_k8s_cluster.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from k8s import manifests
+from k8s.errors import (
+    ClusterUnreachableError,
+    ForbiddenError,
+    KubeconfigMissingError,
+    NamespaceMissingError,
+    UnknownContextError,
+)
+from k8s.rollout import deploy
+from k8s.settings import ClusterSettings, DeployTarget, ServingSpec
+from k8s.smoke import SmokeSettings, sample_png, smoke_test
+from tests.k8s_sim import DEPLOYMENTS, PODS, REPLICASETS, PodPlan, RunningCluster
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "tfloop"
+
+
+def target(version: int, *, run_id: str | None = None) -> DeployTarget:
+    return DeployTarget(
+        image=f"reg.example/tfloop-classifier:v{version}",
+        model_name="tfloop-classifier",
+        version=version,
+        run_id=run_id,
+    )
+
+
+class FakeServing:
+    """Answers like the serving API for whatever model versions the ready pods behind the Service run."""
+
+    def __init__(self, cluster: RunningCluster) -> None:
+        self.cluster = cluster
+        self.override_versions: list[str] | None = None
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                owner.requests.append(f"GET {self.path}")
+                versions = owner.versions()
+                self._send(
+                    200,
+                    {
+                        "model_version_status": [
+                            {
+                                "version": v,
+                                "state": "AVAILABLE",
+                                "status": {"error_code": "OK", "error_message": ""},
+                            }
+                            for v in versions
+                        ]
+                    },
+                )
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append(f"POST {self.path} {len(body['instances'])}")
+                self._send(200, {"predictions": [{"classes": ["cat"], "scores": [0.9]}]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def versions(self) -> list[str]:
+        if self.override_versions is not None:
+            return self.override_versions
+
+        def ready_versions():
+            found = set()
+            for (resource, _, _), obj in list(self.cluster.emulator.objects.items()):
+                if resource == PODS and not obj.deleted:
+                    pod = obj.raw
+                    if any(
+                        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"]
+                    ):
+                        found.add(pod["metadata"]["labels"][manifests.MODEL_VERSION_LABEL])
+            return sorted(found)
+
+        return self.cluster.locked(ready_versions)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    running = RunningCluster().start()
+    running.emulator.namespaces.add(NAMESPACE)
+    running.write_kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def serving(cluster):
+    fake = FakeServing(cluster)
+    yield fake
+    fake.stop()
+
+
+def settings_for(cluster: RunningCluster, **overrides) -> ClusterSettings:
+    return ClusterSettings(
+        kubeconfig=cluster.kubeconfig, poll_interval_s=0.05, request_timeout_s=5, **overrides
+    )
+
+
+def run(cluster, serving, version, *, spec=None, timeout_s=20.0, messages=None, dry_run=False, **kwargs):
+    return deploy(
+        target(version, run_id=kwargs.pop("run_id", None)),
+        settings=settings_for(cluster),
+        spec=spec or ServingSpec(),
+        timeout_s=timeout_s,
+        dry_run=dry_run,
+        smoke=SmokeSettings(url=serving.url, timeout_s=5),
+        on_progress=(messages.append if messages is not None else None),
+        **kwargs,
+    )
+
+
+def live_deployment(cluster) -> dict:
+    return cluster.locked(lambda: cluster.emulator.objects[DEPLOYMENTS, NAMESPACE, "tfloop-serving"].raw)
+
+
+def replicasets(cluster) -> list[dict]:
+    return cluster.locked(
+        lambda: [
+            obj.raw
+            for (res, _, _), obj in list(cluster.emulator.objects.items())
+            if res == REPLICASETS and not obj.deleted
+        ]
+    )
+
+
+def fail_image(cluster, suffix: str, behaviour: str) -> None:
+    cluster.controller.plan_for = lambda pod: (
+        PodPlan(behaviour) if pod["spec"]["containers"][0]["image"].endswith(suffix) else PodPlan()
+    )
+
+
+def samples_since(cluster, start: int):
+    return cluster.controller.log[start:]
+
+
+def test_first_rollout_creates_the_stack_and_smoke_tests_it(cluster, serving):
+    messages: list[str] = []
+    result = run(cluster, serving, 1, messages=messages, run_id="run-1")
+    assert result.ok, result.reason
+    assert result.revision == 1 and result.previous_image is None and not result.rolled_back
+    assert result.smoke is not None and result.smoke.ok and result.smoke.reported_versions == ["1"]
+    assert any(line == "POST /v1/models/tfloop-classifier:predict 1" for line in serving.requests)
+    kinds = cluster.locked(
+        lambda: sorted(
+            obj.raw["kind"]
+            for obj in cluster.emulator.objects.values()
+            if not obj.deleted and obj.raw.get("kind") not in {"Pod", "ReplicaSet"}
+        )
+    )
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+    deployment = live_deployment(cluster)
+    assert deployment["metadata"]["annotations"][manifests.RUN_ID_ANNOTATION] == "run-1"
+    assert any("rollout to finish" in message for message in messages)
+    assert any("successfully rolled out" in message for message in messages)
+
+
+def test_healthy_upgrade_keeps_every_replica_available(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    start = len(cluster.controller.log)
+    result = run(cluster, serving, 2)
+    assert result.ok, result.reason
+    assert result.previous_image.endswith(":v1") and result.previous_model_version == 1
+    assert result.revision == 2 and result.smoke.reported_versions == ["2"]
+    deployment = live_deployment(cluster)
+    assert manifests.serving_container(deployment)["image"].endswith(":v2")
+    assert deployment["metadata"]["labels"][manifests.MODEL_VERSION_LABEL] == "2"
+    # The Deployment was patched without spec.replicas, so the HPA keeps owning the replica count.
+    samples = samples_since(cluster, start)
+    assert samples and min(sample.available for sample in samples) >= 2
+
+
+def assert_rolled_back_to_v1(cluster, start):
+    deployment = live_deployment(cluster)
+    sets = replicasets(cluster)
+    v1 = next(rs for rs in sets if manifests.serving_container(rs)["image"].endswith(":v1"))
+    # The Deployment runs exactly the previous ReplicaSet's template again (minus pod-template-hash).
+    assert deployment["spec"]["template"] == manifests.template_without_hash(v1["spec"]["template"])
+    assert deployment["metadata"]["labels"][manifests.MODEL_VERSION_LABEL] == "1"
+    assert deployment["metadata"]["annotations"][manifests.MODEL_VERSION_ANNOTATION] == "1"
+    assert manifests.revision(v1) == 3  # the controller reuses the old ReplicaSet under a new revision
+    samples = samples_since(cluster, start)
+    assert samples and min(sample.available for sample in samples) >= samples[0].desired
+    # Every ready pod at the end serves v1 again.
+    assert all(image.endswith(":v1") for image in samples[-1].images)
+
+
+def test_crash_looping_rollout_is_rolled_back(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    fail_image(cluster, ":v2", "crashloop")
+    start = len(cluster.controller.log)
+    messages: list[str] = []
+    result = run(cluster, serving, 2, messages=messages)
+    assert not result.ok and result.rolled_back and result.rollback_ok
+    assert (
+        "CrashLoopBackOff" in result.reason
+        and "rolled back to reg.example/tfloop-classifier:v1" in result.reason
+    )
+    assert result.pod_problems and result.pod_problems[0].pod in result.reason
+    assert any("BackOff" in event and result.pod_problems[0].pod in event for event in result.events)
+    assert any("rolling back" in message for message in messages)
+    assert result.smoke is None
+    assert_rolled_back_to_v1(cluster, start)
+
+
+def test_stalled_rollout_stops_at_the_progress_deadline_and_rolls_back(cluster, serving):
+    spec = ServingSpec(progress_deadline_s=1)
+    assert run(cluster, serving, 1, spec=spec).ok
+    fail_image(cluster, ":v2", "never-ready")
+    start = len(cluster.controller.log)
+    result = run(cluster, serving, 2, spec=spec)
+    assert not result.ok and result.rolled_back and result.rollback_ok
+    assert "ProgressDeadlineExceeded" in result.reason and "timed out progressing" in result.reason
+    assert_rolled_back_to_v1(cluster, start)
+
+
+def test_image_pull_failure_and_callers_timeout(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    fail_image(cluster, ":v2", "image-pull")
+    result = run(cluster, serving, 2)
+    assert not result.ok and result.rollback_ok and "ImagePullBackOff" in result.reason
+    assert any("Failed to pull image" in event for event in result.events)
+
+    fail_image(cluster, ":v3", "never-ready")
+    start = len(cluster.controller.log)
+    result = run(cluster, serving, 3, timeout_s=1.0)
+    assert not result.ok and result.rollback_ok and "timed out after 1 s" in result.reason
+    samples = samples_since(cluster, start)
+    assert min(sample.available for sample in samples) >= 2
+
+
+def test_failed_smoke_test_rolls_back(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    serving.override_versions = ["1"]  # the Service still answers with the old model
+    result = run(cluster, serving, 2)
+    assert not result.ok and result.rolled_back and result.rollback_ok
+    assert "smoke test failed" in result.reason and "not 2" in result.reason
+    assert live_deployment(cluster)["metadata"]["labels"][manifests.MODEL_VERSION_LABEL] == "1"
+
+
+def test_dry_run_prints_a_diff_and_changes_nothing(cluster, serving):
+    first = run(cluster, serving, 1, dry_run=True)
+    assert (
+        first.ok
+        and first.dry_run
+        and "--- /dev/null" in first.diff
+        and "Deployment/tfloop-serving" in first.diff
+    )
+    assert cluster.locked(lambda: len(cluster.emulator.objects)) == 0
+    assert run(cluster, serving, 1).ok
+    before = live_deployment(cluster)
+    writes_before = sum(1 for r in list(cluster.emulator) if r.method in {"POST", "PATCH", "PUT", "DELETE"})
+    result = run(cluster, serving, 2, dry_run=True)
+    assert result.ok and result.changed == ["Deployment/tfloop-serving"]
+    assert "-        image: reg.example/tfloop-classifier:v1" in result.diff
+    assert "+        image: reg.example/tfloop-classifier:v2" in result.diff
+    writes_after = sum(1 for r in list(cluster.emulator) if r.method in {"POST", "PATCH", "PUT", "DELETE"})
+    assert writes_after == writes_before
+    assert live_deployment(cluster)["spec"] == before["spec"]
+
+
+def test_redeploying_the_same_version_changes_nothing(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    generation = live_deployment(cluster)["metadata"]["generation"]
+    result = run(cluster, serving, 1)
+    assert result.ok and result.changed == [] and not result.rolled_back
+    assert live_deployment(cluster)["metadata"]["generation"] == generation
+
+
+# ---- clear errors ----------------------------------------------------------------------------------------
+
+
+def test_missing_kubeconfig(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "nope" / "config"))
+    with pytest.raises(KubeconfigMissingError, match=r"no kubeconfig at .*nope/config.*--kubeconfig"):
+        deploy(target(1), settings=ClusterSettings(), timeout_s=1)
+
+
+def test_unknown_context(cluster):
+    with pytest.raises(UnknownContextError, match=r"no context 'prod' \(known: emulator\).*--context"):
+        deploy(target(1), settings=settings_for(cluster, context="prod"), timeout_s=1)
+
+
+def test_unreachable_api_server(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "gone",
+                "clusters": [{"name": "gone", "cluster": {"server": f"http://127.0.0.1:{closed_port}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "u"}}],
+            }
+        )
+    )
+    with pytest.raises(
+        ClusterUnreachableError, match=rf"cannot reach .*127.0.0.1:{closed_port}.*kubectl cluster-info"
+    ):
+        deploy(target(1), settings=ClusterSettings(kubeconfig=kubeconfig, request_timeout_s=2), timeout_s=1)
+
+
+def test_rbac_refusal_names_verb_and_resource(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    cluster.emulator.forbidden.add(("patch", "deployments"))
+    with pytest.raises(ForbiddenError) as caught:
+        run(cluster, serving, 2)
+    message = str(caught.value)
+    assert "refused to patch deployments 'tfloop-serving' in namespace 'tfloop'" in message
+    assert (
+        'cannot patch resource "deployments"' in message and "kubectl auth can-i patch deployments" in message
+    )
+    assert manifests.serving_container(live_deployment(cluster))["image"].endswith(":v1")
+
+
+def test_missing_namespace(cluster):
+    with pytest.raises(
+        NamespaceMissingError, match=r"namespace 'elsewhere' does not exist.*kubectl create namespace"
+    ):
+        deploy(target(1), settings=settings_for(cluster, namespace="elsewhere"), timeout_s=1)
+
+
+def test_smoke_test_against_a_plain_server(cluster, serving):
+    serving.override_versions = ["4"]
+    ok = smoke_test(base_url=serving.url, model_name="m", expected_version=4, sample_image=sample_png(size=8))
+    assert ok.ok and ok.reported_versions == ["4"]
+    wrong = smoke_test(base_url=serving.url, model_name="m", expected_version=5)
+    assert not wrong.ok and "not 5" in wrong.message
+    down = smoke_test(base_url="http://127.0.0.1:9", model_name="m", expected_version=5, timeout_s=2)
+    assert not down.ok and "ConnectError" in down.message
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+
+def tfloop(*args, env=None):
+    command = [sys.executable, "-c", "from pipeline.cli import main; main()", "deploy", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, **(env or {})}
+    )
+
+
+def test_cli_deploy_json_dry_run_and_failure(cluster, serving, tmp_path):
+    common = [
+        "--image",
+        "reg.example/tfloop-classifier:v1",
+        "--model-name",
+        "tfloop-classifier",
+        "--version",
+        "1",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "--smoke-url",
+        serving.url,
+        "--timeout",
+        "20",
+    ]
+    dry = tfloop(*common, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    payload = json.loads(dry.stdout.strip().splitlines()[-1])
+    assert payload["dry_run"] and payload["ok"] and "Deployment/tfloop-serving" in payload["changed"]
+    assert "+++ new tfloop/Deployment/tfloop-serving" in dry.stderr
+
+    done = tfloop(*common, "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    assert payload["ok"] and payload["model_version"] == 1 and payload["smoke"]["ok"]
+    assert "successfully rolled out" in done.stderr
+
+    missing = tfloop(*common[:6], "--json", env={"KUBECONFIG": str(tmp_path / "absent")})
+    assert missing.returncode == 1 and "error: no kubeconfig at" in missing.stderr
+    assert "Traceback" not in missing.stderr
