@@ -1,0 +1,632 @@
+"""The serving HTTP API: ``create_app(settings)`` builds the FastAPI app with TF Serving's REST endpoints,
+``/classify``, ``/feedback``, health, metrics and the upload page.
+
+Every error is answered as ``{"error": "..."}`` with a 4xx status for anything a client can cause; the
+model runs in threads behind the dynamic batcher so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving import tfserving
+from serving.batching import DynamicBatcher
+from serving.errors import InvalidInput, ModelNotReady, NotFound, ServingError, Unauthorized
+from serving.events import PrefectEventSender, feedback_event
+from serving.feedback import FeedbackItem, FeedbackQueue, RecentPrediction, RecentPredictions, check_label
+from serving.images import ImageInfo, validate_image
+from serving.metrics import ServingMetrics
+from serving.model import DEFAULT_SIGNATURE, ModelManager, Prediction, ServedModel
+from serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+LARGE_IMAGE_BYTES = 256 * 1024
+
+
+class InFlight:
+    """How many POST requests the app is handling now (the batcher waits only when others may join)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@dataclass
+class Services:
+    """Everything the routes use, built once per app from its settings."""
+
+    settings: ServingSettings
+    metrics: ServingMetrics
+    manager: ModelManager
+    batcher: DynamicBatcher[bytes, Prediction]
+    queue: FeedbackQueue
+    recent: RecentPredictions
+    events: PrefectEventSender | None
+    in_flight: InFlight
+
+    async def validate(self, data: bytes) -> ImageInfo:
+        """Validate an image (in a thread when it is large enough to take a while)."""
+        limit = self.settings.max_image_pixels
+        if len(data) > LARGE_IMAGE_BYTES:
+            return await asyncio.to_thread(validate_image, data, max_pixels=limit)
+        return validate_image(data, max_pixels=limit)
+
+
+def build_services(settings: ServingSettings) -> Services:
+    metrics = ServingMetrics()
+
+    def loaded(model: ServedModel) -> None:
+        metrics.model_version.labels(model.name).set(model.version)
+        metrics.model_loads.labels(model.name, "ok").inc()
+
+    def failed(_version: int, _message: str) -> None:
+        metrics.model_loads.labels(settings.model_name, "failed").inc()
+
+    manager = ModelManager(settings, on_loaded=loaded, on_load_failed=failed)
+
+    def predict(images: Any) -> list[Prediction]:
+        return manager.require().predict_bytes(images)
+
+    in_flight = InFlight()
+    batcher: DynamicBatcher[bytes, Prediction] = DynamicBatcher(
+        predict,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000,
+        on_batch=metrics.batch_size.observe,
+        requests_in_flight=lambda: in_flight.count,
+    )
+    events = None
+    if settings.prefect_api_url:
+        events = PrefectEventSender(
+            settings.prefect_api_url,
+            timeout_s=settings.event_timeout_s,
+            on_result=lambda ok: metrics.events.labels("sent" if ok else "failed").inc(),
+        )
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        manager=manager,
+        batcher=batcher,
+        queue=FeedbackQueue(settings.feedback_uri),
+        recent=RecentPredictions(
+            max_items=settings.recent_predictions, max_bytes=settings.recent_predictions_bytes
+        ),
+        events=events,
+        in_flight=in_flight,
+    )
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+_bearer = HTTPBearer(auto_error=False, description="Needed when the server is started with a token.")
+
+
+def require_token(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    token = services.settings.token
+    if token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized(
+            "this route needs the server's token: send the header 'Authorization: Bearer <token>'"
+        )
+
+
+TokenDep = Annotated[None, Depends(require_token)]
+
+
+# --- response models (for /docs) -------------------------------------------------------------------
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    prediction_id: str = Field(description="Cite it in /feedback to correct this classification.")
+    model_name: str
+    model_version: int
+    top_k: list[LabelScore]
+
+
+class FeedbackResponse(BaseModel):
+    feedback_id: str
+    label: str
+    duplicate: bool = Field(description="True when the same image with the same label was already queued.")
+    status: str = "accepted"
+
+
+class PredictRequest(BaseModel):
+    """TF Serving's predict body: ``instances`` (row) or ``inputs`` (columnar)."""
+
+    signature_name: str | None = None
+    instances: list[Any] | None = None
+    inputs: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)
+}
+
+
+# --- middleware ------------------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """Answers 413 for bodies over ``max_bytes`` (declared or streamed) before any route reads them."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if headers.get(b"transfer-encoding") is None:
+            await self.app(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(
+            {"error": f"the request body is over the limit of {self.max_bytes} bytes"}, status_code=413
+        )
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status and observes their latency."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ServingMetrics, in_flight: InFlight) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.in_flight = in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        counted = scope.get("method") == "POST"
+        self.in_flight.count += counted
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.in_flight.count -= counted
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
+
+
+# --- app -------------------------------------------------------------------------------------------
+
+
+async def _poll_versions(services: Services) -> None:
+    """Load the first version, then look for new ones every poll interval, forever."""
+    while True:
+        try:
+            await asyncio.to_thread(services.manager.refresh)
+        except Exception:  # the poller must outlive any surprise (logged)
+            logger.exception("version poll failed")
+        await asyncio.sleep(services.settings.poll_interval_s)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def serving_error(_request: Request, error: ServingError) -> JSONResponse:
+        return _error(error.status_code, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for problem in error.errors()[:5]:
+            where = ".".join(str(part) for part in problem.get("loc", ()))
+            problems.append(f"{where}: {problem.get('msg', 'invalid')}")
+        return _error(400, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(error.detail)}, status_code=error.status_code, headers=error.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unexpected error", exc_info=error)
+        return _error(500, "internal error; the server logged the details")
+
+
+def _page() -> str:
+    return resources.files("serving").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def create_app(settings: ServingSettings) -> FastAPI:
+    """The serving app for ``settings``; the model loads in the background once the app starts."""
+    services = build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await services.batcher.start()
+        if services.events is not None:
+            await services.events.start()
+        poller = asyncio.create_task(_poll_versions(services), name="version-poller")
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await services.batcher.stop()
+            if services.events is not None:
+                await services.events.stop()
+
+    app = FastAPI(
+        title="tfloop serving",
+        description="TensorFlow Serving-compatible image classification with a feedback queue.",
+        version="1",
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+    app.state.services = services
+    _install_error_handlers(app)
+    _add_routes(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics, in_flight=services.in_flight)
+    return app
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_page())
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(services: ServicesDep) -> dict[str, Any]:
+        """Readiness: a model version is loaded and warmed up (503 until then)."""
+        model = services.manager.require()
+        return {"status": "ready", "model_name": model.name, "model_version": model.version}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics(services: ServicesDep) -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/info", tags=["classify"])
+    async def info(services: ServicesDep) -> dict[str, Any]:
+        """The served model, its labels, and what feedback accepts (used by the page)."""
+        model = services.manager.require()
+        return {
+            "model_name": model.name,
+            "model_version": model.version,
+            "labels": model.labels,
+            "allow_new_labels": services.settings.allow_new_labels,
+            "token_required": services.settings.token is not None,
+        }
+
+    # TensorFlow Serving REST -------------------------------------------------------------------
+
+    def version_status(services: Services, name: str, version: int | None) -> dict[str, Any]:
+        manager = services.manager
+        if name != services.settings.model_name:
+            raise NotFound(f"Servable not found for request: Latest({name})")
+        model = manager.current
+        if model is None or (version is not None and version != model.version):
+            if version is not None and model is not None:
+                raise NotFound(f"Servable not found for request: Specific({name}, {version})")
+            state = manager.state
+            return {
+                "model_version_status": [
+                    {
+                        "version": str(version or 0),
+                        "state": state,
+                        "status": {
+                            "error_code": "UNKNOWN" if manager.last_error else "OK",
+                            "error_message": manager.last_error or "",
+                        },
+                    }
+                ]
+            }
+        return {
+            "model_version_status": [
+                {
+                    "version": str(model.version),
+                    "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""},
+                }
+            ]
+        }
+
+    @app.get("/v1/models/{name}", tags=["tensorflow-serving"])
+    async def model_status(name: str, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving model status."""
+        return version_status(services, name, None)
+
+    @app.get("/v1/models/{name}/versions/{version}", tags=["tensorflow-serving"])
+    async def model_version_status(name: str, version: int, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving model status of one version."""
+        return version_status(services, name, version)
+
+    def metadata(services: Services, name: str, version: int | None) -> dict[str, Any]:
+        model = services.manager.require_version(name, version)
+        return {
+            "model_spec": {"name": model.name, "signature_name": "", "version": str(model.version)},
+            "metadata": {"signature_def": {"signature_def": model.signature_def()}},
+        }
+
+    @app.get("/v1/models/{name}/metadata", tags=["tensorflow-serving"])
+    async def model_metadata(name: str, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving metadata: the signatures."""
+        return metadata(services, name, None)
+
+    @app.get("/v1/models/{name}/versions/{version}/metadata", tags=["tensorflow-serving"])
+    async def model_version_metadata(name: str, version: int, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving metadata of one version."""
+        return metadata(services, name, version)
+
+    @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"])
+    async def predict(name: str, body: PredictRequest, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving predict (row ``instances`` or columnar ``inputs``; binary as ``{"b64": ...}``)."""
+        return await run_predict(services, name, None, body)
+
+    @app.post("/v1/models/{name}/versions/{version}:predict", tags=["tensorflow-serving"])
+    async def predict_version(
+        name: str, version: int, body: PredictRequest, services: ServicesDep
+    ) -> dict[str, Any]:
+        """TF Serving predict on one version."""
+        return await run_predict(services, name, version, body)
+
+    # classify and feedback -----------------------------------------------------------------------
+
+    @app.post("/classify", tags=["classify"], response_model=ClassifyResponse)
+    async def classify(
+        file: Annotated[UploadFile, File(description="The image.")], services: ServicesDep
+    ) -> ClassifyResponse:
+        """Classify one uploaded image (``curl -F file=@cat.jpg``); answers the top-k labels."""
+        data = await file.read()
+        info = await services.validate(data)
+        services.manager.require()
+        prediction = await predict_image(services, data, where="file")
+        top_k = [
+            LabelScore(label=c, score=s) for c, s in zip(prediction.classes, prediction.scores, strict=True)
+        ]
+        prediction_id = uuid.uuid4().hex
+        services.recent.put(
+            prediction_id,
+            RecentPrediction(data, info.extension, [t.model_dump() for t in top_k], prediction.model_version),
+        )
+        return ClassifyResponse(
+            prediction_id=prediction_id,
+            model_name=services.settings.model_name,
+            model_version=prediction.model_version,
+            top_k=top_k,
+        )
+
+    @app.post("/feedback", tags=["feedback"], status_code=202, response_model=FeedbackResponse)
+    async def feedback(
+        services: ServicesDep,
+        _auth: TokenDep,
+        label: Annotated[str, Form(max_length=200, description="The right label.")],
+        prediction_id: Annotated[str | None, Form(max_length=64, description="From /classify.")] = None,
+        note: Annotated[str | None, Form(max_length=2000, description="Free text for reviewers.")] = None,
+        file: Annotated[UploadFile | None, File(description="The image, if no prediction_id.")] = None,
+    ) -> FeedbackResponse:
+        """Queue a corrected label for an earlier classification or for an uploaded image (202)."""
+        try:
+            return await store_feedback(services, label, prediction_id, note, file)
+        except ServingError:
+            services.metrics.feedback.labels("refused").inc()
+            raise
+
+    @app.get("/feedback/stats", tags=["feedback"])
+    async def feedback_stats(services: ServicesDep, _auth: TokenDep) -> dict[str, Any]:
+        """Counts per label (pending, consumed) and the total of records."""
+        return await asyncio.to_thread(services.queue.stats)
+
+
+async def predict_image(services: Services, data: bytes, *, where: str) -> Prediction:
+    """One validated image through the batcher; a model failure on it is the client's 400."""
+    try:
+        return await services.batcher.submit(data)
+    except ServingError:
+        raise
+    except Exception as error:  # the model refused this image even alone: a client error
+        services.metrics.predict_errors.inc()
+        raise InvalidInput(
+            f"{where}: the model could not process this image ({type(error).__name__})"
+        ) from error
+
+
+async def run_predict(
+    services: Services, name: str, version: int | None, body: PredictRequest
+) -> dict[str, Any]:
+    model = services.manager.require_version(name, version)
+    signature_name = body.signature_name or DEFAULT_SIGNATURE
+    specs = {
+        key: tfserving.spec_from_tensor_spec(spec) for key, spec in model.input_specs(signature_name).items()
+    }
+    parsed = tfserving.parse_predict(body.model_dump(), specs, max_instances=services.settings.max_instances)
+
+    def check(data: bytes, where: str) -> None:
+        try:
+            validate_image(data, max_pixels=services.settings.max_image_pixels)
+        except ServingError as error:
+            raise type(error)(f"{where}: {error}") from error
+
+    if signature_name == DEFAULT_SIGNATURE and len(specs) == 1:
+        (input_name,) = specs
+        values = parsed.columns[input_name]
+        if len(values) == 1 and len(str(values[0])) < LARGE_IMAGE_BYTES:  # small: a thread hop costs more
+            images = tfserving.decode_strings(values, name=input_name, validate=check)
+        else:
+            images = await asyncio.to_thread(
+                tfserving.decode_strings, values, name=input_name, validate=check
+            )
+        predictions = await asyncio.gather(
+            *(predict_image(services, image, where=f"{input_name}[{i}]") for i, image in enumerate(images))
+        )
+        if version is None and len({p.model_version for p in predictions}) > 1:
+            logger.info("a request spanned a version swap; answers come from both versions")
+        return tfserving.format_outputs(
+            tfserving.stack_outputs([p.outputs() for p in predictions]), parsed.format
+        )
+
+    arrays: dict[str, Any] = {}
+    for input_name, spec in specs.items():
+        values = parsed.columns[input_name]
+        if spec.is_string:
+            decoded = tfserving.decode_strings(values, name=input_name, validate=check)
+            arrays[input_name] = np.array(decoded, dtype=object)
+        else:
+            arrays[input_name] = tfserving.to_array(values, spec, name=input_name)
+    outputs = await _run_model(services, model, signature_name, arrays)
+    return tfserving.format_outputs(outputs, parsed.format)
+
+
+async def _run_model(
+    services: Services, model: ServedModel, signature_name: str, arrays: dict[str, Any]
+) -> Any:
+    try:
+        return await asyncio.to_thread(model.run, signature_name, arrays)
+    except ServingError:
+        raise
+    except Exception as error:  # TF rejected the inputs: a client error
+        services.metrics.predict_errors.inc()
+        raise InvalidInput(
+            f"the model rejected the inputs: {type(error).__name__}: {str(error)[:300]}"
+        ) from error
+
+
+async def store_feedback(
+    services: Services,
+    label: str,
+    prediction_id: str | None,
+    note: str | None,
+    file: UploadFile | None,
+) -> FeedbackResponse:
+    model = services.manager.current
+    if model is None and not services.settings.allow_new_labels:
+        raise ModelNotReady("no model is loaded yet, so labels cannot be checked; retry when /readyz is 200")
+    known = model.labels if model is not None else []
+    checked = check_label(label, known=known, allow_new=services.settings.allow_new_labels)
+    recent = services.recent.get(prediction_id) if prediction_id else None
+    if file is not None:
+        data = await file.read()
+        info = await services.validate(data)
+        image, extension = data, info.extension
+    elif recent is not None:
+        image, extension = recent.image, recent.extension
+    elif prediction_id:
+        raise NotFound(
+            f"prediction_id {prediction_id!r} is unknown or expired (only recent ones are kept); "
+            "send the image itself as 'file'"
+        )
+    else:
+        raise InvalidInput("send either the prediction_id of a classification or the image as 'file'")
+    item = FeedbackItem(
+        image=image,
+        extension=extension,
+        label=checked,
+        prediction_id=prediction_id if recent is not None else None,
+        predicted=recent.predicted if recent is not None else (),
+        model_name=services.settings.model_name,
+        model_version=recent.model_version if recent is not None else (model.version if model else None),
+        note=note,
+    )
+    receipt = await asyncio.to_thread(services.queue.submit, item)
+    services.metrics.feedback.labels("duplicate" if receipt.duplicate else "accepted").inc()
+    if services.events is not None and not receipt.duplicate:
+        services.events.emit(
+            feedback_event(
+                model_name=services.settings.model_name,
+                label=checked,
+                payload={
+                    "feedback_id": receipt.feedback_id,
+                    "image": receipt.image_uri,
+                    "model_version": item.model_version,
+                },
+            )
+        )
+    return FeedbackResponse(feedback_id=receipt.feedback_id, label=checked, duplicate=receipt.duplicate)

@@ -1,0 +1,207 @@
+"""Dynamic batching: concurrent requests are coalesced into one call of a synchronous batch function.
+
+Each :meth:`DynamicBatcher.submit` puts one item on an asyncio queue and awaits its own result. A worker
+takes the first waiting item, collects more until ``max_batch_size`` items or ``max_wait_s`` after the first
+one (it does not wait when no other request is in progress that could join), and runs the batch function
+in a thread so the event loop keeps serving. If a batched call raises, the items are retried one by one,
+so only the item that is really bad fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+BatchFunction = Callable[[Sequence[Item]], Sequence[Result]]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[Item, Result]):
+    item: Item
+    future: asyncio.Future[Result]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher(Generic[Item, Result]):
+    """Coalesce concurrent :meth:`submit` calls into batches for ``predict`` (a sync batch function)."""
+
+    def __init__(
+        self,
+        predict: BatchFunction[Item, Result],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        workers: int = 1,
+        on_batch: Callable[[int], None] | None = None,
+        requests_in_flight: Callable[[], int] | None = None,
+    ) -> None:
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._workers = workers
+        self._on_batch = on_batch
+        self._requests_in_flight = requests_in_flight
+        self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_batch_size = 0
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
+    async def start(self) -> None:
+        """Start the worker tasks on the running event loop."""
+        if self._tasks:
+            return
+        self._queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(self._workers)]
+
+    async def stop(self) -> None:
+        """Cancel the workers; items still waiting fail with CancelledError."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._queue is not None:
+            while not self._queue.empty():
+                pending = self._queue.get_nowait()
+                if not pending.future.done():
+                    pending.future.cancel()
+
+    async def submit(self, item: Item) -> Result:
+        """Queue ``item`` for the next batch and wait for its result (or its own exception)."""
+        if self._queue is None:
+            raise RuntimeError("DynamicBatcher.start() was not called")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(item, future))
+        return await future
+
+    async def submit_many(self, items: Sequence[Item]) -> list[Result]:
+        """Queue several items (they may land in one or more batches); results in order."""
+        return list(await asyncio.gather(*(self.submit(item) for item in items)))
+
+    async def _collect(self, batch: list[_Pending[Item, Result]]) -> list[_Pending[Item, Result]]:
+        """Fill ``batch`` (in place, so a cancelled worker can still settle what it holds)."""
+        assert self._queue is not None
+        first = await self._queue.get()
+        batch.append(first)
+        deadline = first.enqueued_at + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            if not self._others_may_join(len(batch)):
+                break  # waiting would only add latency
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            item = await self._get_within(remaining)
+            if item is None:
+                break
+            batch.append(item)
+        self._last_batch_size = len(batch)
+        return [pending for pending in batch if not pending.future.done()]
+
+    async def _get_within(self, timeout: float) -> _Pending[Item, Result] | None:
+        """The next queued item within ``timeout`` seconds, else None. Unlike ``asyncio.wait_for`` on
+        Python 3.11, never drops an item that arrives just as the timeout fires."""
+        assert self._queue is not None
+        getter = asyncio.ensure_future(self._queue.get())
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=timeout)
+        except asyncio.CancelledError:
+            getter.cancel()
+            raise
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        try:
+            return await getter
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker itself is being stopped
+            return None
+
+    def _others_may_join(self, batch_size: int) -> bool:
+        """Whether waiting could fill the batch: other requests are in progress (when the caller counts
+        them), or else the previous batch held more than one item."""
+        if self._requests_in_flight is not None:
+            return self._requests_in_flight() > batch_size
+        return batch_size > 1 or self._last_batch_size > 1
+
+    async def _work(self) -> None:
+        """Collect and run batches until stopped; no error (nor stray cancellation) ends the loop."""
+        while True:
+            batch: list[_Pending[Item, Result]] = []
+            try:
+                ready = await self._collect(batch)
+                if not ready:
+                    continue
+                if self._on_batch is not None:
+                    self._on_batch(len(ready))
+                await self._run(ready)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.cancel()
+                    raise
+                logger.warning("batch worker interrupted; queueing its %d items again", len(batch))
+                for pending in batch:
+                    if not pending.future.done() and self._queue is not None:
+                        self._queue.put_nowait(pending)
+            except Exception as error:
+                logger.exception("batch worker failed; its items fail, the worker goes on")
+                for pending in batch:
+                    _settle_error(pending, error)
+
+    async def _run(self, batch: list[_Pending[Item, Result]]) -> None:
+        items = [pending.item for pending in batch]
+        try:
+            results = await asyncio.to_thread(self._call, items)
+        except Exception as error:  # noqa: BLE001 -- any model failure: retry the items one at a time
+            if len(batch) == 1:
+                _settle_error(batch[0], error)
+                return
+            logger.warning("batch of %d failed (%s); retrying items one by one", len(batch), error)
+            for pending in batch:
+                try:
+                    (result,) = await asyncio.to_thread(self._call, [pending.item])
+                except Exception as single_error:  # noqa: BLE001 -- reported to that caller only
+                    _settle_error(pending, single_error)
+                else:
+                    _settle(pending, result)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending, result)
+
+    def _call(self, items: list[Item]) -> Sequence[Result]:
+        results = self._predict(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return results
+
+
+def _settle(pending: _Pending[Item, Result], result: Result) -> None:
+    if not pending.future.done():
+        pending.future.set_result(result)
+
+
+def _settle_error(pending: _Pending[Item, Result], error: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)

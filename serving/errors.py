@@ -1,0 +1,47 @@
+"""Typed errors of the serving API; each carries the HTTP status it is answered with as ``{"error": ...}``."""
+
+from __future__ import annotations
+
+from storage import TfloopError
+
+
+class ServingError(TfloopError):
+    """An error answered to the client with ``status_code`` and the message as ``{"error": message}``."""
+
+    status_code = 500
+
+
+class InvalidInput(ServingError):
+    """The request is malformed: bad JSON shape, bad base64, not an image, unknown label."""
+
+    status_code = 400
+
+
+class Unauthorized(ServingError):
+    """A bearer token is required and the request did not carry the right one."""
+
+    status_code = 401
+
+
+class NotFound(ServingError):
+    """No such model, version or prediction."""
+
+    status_code = 404
+
+
+class PayloadTooLarge(ServingError):
+    """The request body or an image exceeds a configured limit."""
+
+    status_code = 413
+
+
+class ModelNotReady(ServingError):
+    """No model version is loaded yet (startup, or the pinned version does not exist)."""
+
+    status_code = 503
+
+
+class FeedbackStoreError(ServingError):
+    """The feedback queue could not store an item (storage outage); the client may retry."""
+
+    status_code = 503

@@ -1,0 +1,96 @@
+"""Typed settings of the serving process, read from the environment (``TFLOOP_SERVE_*``) or set by the CLI.
+
+``python -m serving`` and ``tfloop serve`` build one :class:`ServingSettings` and pass it to
+:func:`serving.app.create_app`; nothing in the serving code reads the environment on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VersionPolicy = Literal["latest"] | int
+
+
+class ServingSettings(BaseSettings):
+    """Everything the serving process needs: which model, where feedback goes, limits and batching."""
+
+    model_config = SettingsConfigDict(env_prefix="TFLOOP_SERVE_", extra="ignore", populate_by_name=True)
+
+    model_base: str = Field(
+        default=".tfloop/models",
+        validation_alias=AliasChoices("TFLOOP_SERVE_MODEL_BASE", "TFLOOP_MODEL_BASE", "model_base"),
+        description="Export base holding <name>/<version>/ folders (local path or gs://).",
+    )
+    model_name: str = Field(
+        default="tfloop-classifier",
+        validation_alias=AliasChoices("TFLOOP_SERVE_MODEL_NAME", "TFLOOP_MODEL_NAME", "model_name"),
+        description="Name of the served model (the folder below the model base).",
+    )
+    version_policy: VersionPolicy = Field(
+        default="latest",
+        description="'latest' serves the highest complete version and follows new ones; an integer pins it.",
+    )
+    feedback_uri: str = Field(
+        default=".tfloop/feedback",
+        validation_alias=AliasChoices("TFLOOP_SERVE_FEEDBACK_URI", "TFLOOP_FEEDBACK_URI", "feedback_uri"),
+        description="Feedback queue root (local path or gs://).",
+    )
+    cache_dir: Path = Field(
+        default=Path(".tfloop/serving-cache"), description="Local copies of versions downloaded from GCS."
+    )
+    host: str = Field(default="0.0.0.0", description="Interface to listen on.")
+    port: int = Field(default=8501, ge=1, le=65535, description="HTTP port (TF Serving's REST port).")
+    poll_interval_s: float = Field(default=10.0, gt=0, description="How often to look for a new version.")
+    retry_failed_after_s: float = Field(
+        default=300.0, ge=0, description="How long a version that failed to load is left alone."
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Most images in one model call.")
+    max_batch_wait_ms: float = Field(
+        default=5.0, ge=0, description="Longest a request waits for others to join its batch."
+    )
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Request body limit (413).")
+    max_image_pixels: int = Field(
+        default=25_000_000, ge=1, description="Largest width*height accepted (decompression bombs)."
+    )
+    max_instances: int = Field(default=64, ge=1, description="Most instances in one :predict request.")
+    recent_predictions: int = Field(
+        default=1000, ge=0, description="Classifications kept so that feedback can cite a prediction_id."
+    )
+    recent_predictions_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=0, description="Memory bound of the kept classifications' images."
+    )
+    allow_new_labels: bool = Field(default=False, description="Accept feedback labels the model lacks.")
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token required by /feedback and admin routes; none: open."
+    )
+    prefect_api_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TFLOOP_SERVE_PREFECT_API_URL", "PREFECT_API_URL", "prefect_api_url"),
+        description="Prefect API (e.g. http://127.0.0.1:4200/api) that receives feedback events.",
+    )
+    event_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one Prefect event POST.")
+    log_level: str = Field(default="info", description="uvicorn log level.")
+
+    @field_validator("version_policy", mode="before")
+    @classmethod
+    def _parse_policy(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text.isdigit():
+                return int(text)
+            return text
+        return value
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def pinned_version(self) -> int | None:
+        """The pinned version, or None when following the latest."""
+        return self.version_policy if isinstance(self.version_policy, int) else None

@@ -1,0 +1,336 @@
+"""Fast tests of the serving parts that need no model: settings, image validation, batching, TF Serving
+request parsing, Prefect event format and sending."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.batching import DynamicBatcher
+from serving.errors import InvalidInput, PayloadTooLarge
+from serving.events import FEEDBACK_EVENT, PrefectEventSender, feedback_event
+from serving.images import validate_image
+from serving.settings import ServingSettings
+from serving.tfserving import InputSpec, format_outputs, parse_predict, to_array
+from tests.conftest import free_port
+
+
+def encoded(fmt: str = "PNG", size: tuple[int, int] = (32, 32), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 100).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TFLOOP_SERVE_VERSION_POLICY", "7")
+    monkeypatch.setenv("TFLOOP_SERVE_MODEL_BASE", "gs://bucket/models")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.setenv("TFLOOP_SERVE_TOKEN", "")
+    settings = ServingSettings()
+    assert settings.pinned_version == 7
+    assert settings.model_base == "gs://bucket/models"
+    assert settings.prefect_api_url == "http://127.0.0.1:4200/api"
+    assert settings.token is None
+    assert ServingSettings(version_policy="latest").pinned_version is None
+
+
+def test_settings_refuse_bad_policy() -> None:
+    with pytest.raises(ValueError):
+        ServingSettings(version_policy="newest")
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("PNG", "png"), ("JPEG", "jpg"), ("GIF", "gif"), ("BMP", "bmp")])
+def test_validate_accepts_supported_formats(fmt: str, ext: str) -> None:
+    info = validate_image(encoded(fmt), max_pixels=10_000)
+    assert (info.extension, info.width, info.height) == (ext, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello, not an image",
+        encoded("PNG")[:60],
+        encoded("JPEG")[:100],
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
+    ],
+)
+def test_validate_refuses_non_images_and_truncated(data: bytes) -> None:
+    with pytest.raises(InvalidInput):
+        validate_image(data, max_pixels=10_000)
+
+
+def test_validate_refuses_pixel_bomb_before_decoding() -> None:
+    bomb = encoded("PNG", size=(5000, 5000), mode="1")
+    assert len(bomb) < 100_000
+    started = time.perf_counter()
+    with pytest.raises(PayloadTooLarge, match="over the limit"):
+        validate_image(bomb, max_pixels=1_000_000)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_validate_trusts_content_not_names() -> None:
+    # A JPEG is a JPEG whatever the client calls it; a text file named .png is not an image.
+    assert validate_image(encoded("JPEG"), max_pixels=10_000).format == "jpeg"
+
+
+# --- batching -------------------------------------------------------------------------------------
+
+
+def test_batcher_coalesces_concurrent_requests() -> None:
+    calls: list[list[int]] = []
+
+    def predict(items):
+        calls.append(list(items))
+        time.sleep(0.01)
+        return [item * 10 for item in items]
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.02)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert results == [i * 10 for i in range(20)]
+    assert max(len(call) for call in calls) == 8
+    assert len(calls) <= 4
+    assert sorted(item for call in calls for item in call) == list(range(20))
+
+
+def test_single_request_waits_at_most_max_wait() -> None:
+    async def scenario() -> float:
+        batcher = DynamicBatcher(lambda items: list(items), max_batch_size=32, max_wait_s=0.05)
+        await batcher.start()
+        try:
+            await batcher.submit(0)  # warm the thread pool
+            started = time.perf_counter()
+            await batcher.submit(1)
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) < 0.05 + 0.04
+
+
+def test_failed_batch_is_retried_item_by_item() -> None:
+    sizes: list[int] = []
+
+    def predict(items):
+        sizes.append(len(items))
+        if "bad" in items:
+            raise ValueError("model cannot decode")
+        return [item.upper() for item in items]
+
+    async def scenario() -> list[object]:
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.05)
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in ["a", "bad", "c"]), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert results[0] == "A" and results[2] == "C"
+    assert isinstance(results[1], ValueError)
+    assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+
+
+def test_event_loop_stays_responsive_during_a_slow_batch() -> None:
+    async def scenario() -> float:
+        batcher = DynamicBatcher(lambda items: time.sleep(0.3) or list(items), max_batch_size=4, max_wait_s=0)
+        await batcher.start()
+        try:
+            task = asyncio.create_task(batcher.submit(1))
+            await asyncio.sleep(0.05)
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lag = time.perf_counter() - started
+            await task
+            return lag
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) < 0.1
+
+
+# --- TF Serving request parsing -------------------------------------------------------------------
+
+BYTES = {"image_bytes": InputSpec(is_string=True, numpy_dtype=object, shape=(None,))}
+
+
+def b64(data: bytes) -> dict[str, str]:
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def test_parse_row_and_columnar_forms() -> None:
+    row = parse_predict({"instances": [b64(b"x"), {"image_bytes": b64(b"y")}]}, BYTES, max_instances=8)
+    assert row.format == "row" and row.columns["image_bytes"] == [b64(b"x"), b64(b"y")]
+    col = parse_predict({"inputs": {"image_bytes": [b64(b"x")]}}, BYTES, max_instances=8)
+    assert col.format == "columnar" and col.batch_size == 1
+    bare = parse_predict({"inputs": [b64(b"x"), b64(b"z")]}, BYTES, max_instances=8)
+    assert bare.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"instances": [], "inputs": []},
+        {"instances": []},
+        {"instances": "x"},
+        {"instances": [{"other": 1}]},
+        {"inputs": {"wrong": [1]}},
+        {"inputs": {"image_bytes": "notalist"}},
+    ],
+)
+def test_parse_refuses_malformed_bodies(body: dict) -> None:
+    with pytest.raises(InvalidInput):
+        parse_predict(body, BYTES, max_instances=8)
+
+
+def test_parse_limits_instances() -> None:
+    with pytest.raises(PayloadTooLarge):
+        parse_predict({"instances": [b64(b"x")] * 9}, BYTES, max_instances=8)
+
+
+def test_numeric_inputs_are_shape_checked() -> None:
+    spec = InputSpec(is_string=False, numpy_dtype=np.float32, shape=(None, 2, 2, 3))
+    assert to_array(np.zeros((3, 2, 2, 3)).tolist(), spec, name="images").shape == (3, 2, 2, 3)
+    for bad in (np.zeros((1, 3, 2, 3)).tolist(), [[1, 2], [3]], [["a"]], [[[[float("nan")] * 3] * 2] * 2]):
+        with pytest.raises(InvalidInput):
+            to_array(bad, spec, name="images")
+
+
+def test_format_outputs_like_tf_serving() -> None:
+    outputs = {"scores": np.array([[0.9], [0.2]]), "classes": np.array([["a"], ["b"]], dtype=object)}
+    assert format_outputs(outputs, "row") == {
+        "predictions": [{"classes": ["a"], "scores": [0.9]}, {"classes": ["b"], "scores": [0.2]}]
+    }
+    assert format_outputs(outputs, "columnar") == {
+        "outputs": {"classes": [["a"], ["b"]], "scores": [[0.9], [0.2]]}
+    }
+    assert format_outputs({"y": np.array([1, 2])}, "row") == {"predictions": [1, 2]}
+
+
+# --- Prefect events -------------------------------------------------------------------------------
+
+
+def test_feedback_event_is_a_valid_prefect_event() -> None:
+    from prefect.server.events.schemas.events import Event
+
+    event = feedback_event(model_name="flowers", label="tulip", payload={"feedback_id": "abc"})
+    parsed = Event.model_validate(event)
+    assert parsed.event == FEEDBACK_EVENT
+    assert parsed.resource.id == "tfloop.model.flowers"
+    assert parsed.resource["tfloop.label"] == "tulip"
+    assert parsed.resource["tfloop.model"] == "flowers"
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[str, object]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((self.path, json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_event_sender_posts_to_prefect_events_endpoint_and_survives_outage() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
+    _Receiver.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    outcomes: list[bool] = []
+
+    async def scenario(url: str) -> None:
+        sender = PrefectEventSender(url, timeout_s=2, on_result=outcomes.append)
+        await sender.start()
+        sender.emit(feedback_event(model_name="m", label="a", payload={}))
+        await sender.stop()
+
+    try:
+        asyncio.run(scenario(f"http://127.0.0.1:{server.server_port}/api"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert outcomes == [True]
+    ((path, events),) = _Receiver.received
+    assert path == "/api/events" and events[0]["event"] == FEEDBACK_EVENT
+    asyncio.run(scenario(f"http://127.0.0.1:{free_port()}/api"))  # nothing listens: logged, counted
+    assert outcomes == [True, False]
+
+
+def test_sequential_traffic_is_not_delayed_by_the_batch_wait() -> None:
+    async def scenario() -> float:
+        batcher = DynamicBatcher(lambda items: list(items), max_batch_size=32, max_wait_s=0.5)
+        await batcher.start()
+        try:
+            await batcher.submit(0)
+            started = time.perf_counter()
+            for i in range(5):
+                await batcher.submit(i)
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) < 0.25
+
+
+def test_no_item_is_lost_when_arrivals_race_the_batch_deadline() -> None:
+    # asyncio.wait_for(queue.get(), timeout) can drop an item on Python 3.11 when both happen at once.
+    import random
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(lambda items: list(items), max_batch_size=4, max_wait_s=0.0005)
+        await batcher.start()
+        rng = random.Random(0)
+
+        async def client(i: int) -> int:
+            await asyncio.sleep(rng.random() * 0.2)
+            return await batcher.submit(i)
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(1500))), timeout=30)
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == list(range(1500))
+
+
+def test_stop_ends_workers_waiting_for_items() -> None:
+    async def scenario() -> None:
+        batcher = DynamicBatcher(
+            lambda items: list(items), max_batch_size=4, max_wait_s=10, requests_in_flight=lambda: 9
+        )
+        await batcher.start()
+        task = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.05)  # the worker now waits for more items to join
+        await asyncio.wait_for(batcher.stop(), timeout=2)
+        assert task.cancelled() or task.done()
+
+    asyncio.run(scenario())
