@@ -1,0 +1,226 @@
+"""Prefect flows of the loop: train -> evaluate -> gate -> export -> build -> roll out -> smoke test ->
+consume feedback -> promote. Thin: every step is a task in pipeline/tasks.py over a plain function.
+
+``train_and_deploy`` is the manual and nightly entry point; ``retrain_from_feedback`` is what the
+``tfloop.feedback.received`` trigger starts (its ``reason``/``trigger`` parameters say which event crossed
+the threshold). Steps after the gate run only when it passes. The gate's decision is published as a
+markdown artifact (key ``gate-decision``) and the run's summary as ``loop-summary``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from pipeline import loop, tasks
+from pipeline.loop import DeliveryOptions, GateOptions, TrainingOptions
+from pipeline.settings import TfloopSettings
+
+
+def resolve_settings(
+    *,
+    home: str | None = None,
+    data_uri: str | None = None,
+    feedback_uri: str | None = None,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> TfloopSettings:
+    """The environment's settings with the flow's parameters on top (None keeps the environment's value)."""
+    base = TfloopSettings()
+    updates: dict[str, Any] = {
+        "home": home,
+        "data_uri": data_uri,
+        "feedback_uri": feedback_uri,
+        "model_base": model_base,
+        "model_name": model_name,
+        "mlflow_tracking_uri": tracking_uri,
+    }
+    if home is not None:
+        updates["home"] = Path(home)
+    return base.model_copy(update={key: value for key, value in updates.items() if value is not None})
+
+
+def _run_key() -> str:
+    """The flow run id (stable across retries of the same run), or a local fallback outside a run."""
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else "local"
+
+
+def run_loop(
+    *,
+    settings: TfloopSettings,
+    reason: str,
+    trigger: dict[str, Any] | None,
+    training: TrainingOptions,
+    gate_options: GateOptions,
+    delivery: DeliveryOptions,
+    require_pending: bool,
+) -> dict[str, Any]:
+    """The steps shared by both flows; returns :class:`pipeline.loop.LoopResult` as a dict."""
+    logger = get_run_logger()
+    result = loop.LoopResult(reason=loop.describe_trigger(reason, trigger), model_name=settings.model_name)
+    logger.info("tfloop run: %s", result.reason)
+    roots = tasks.gather_roots(data_uri=settings.dataset_uri, feedback_root=settings.feedback_root)
+    if require_pending and not roots.pending_files:
+        result.skipped.append("no pending corrections in the feedback queue: nothing new to retrain on")
+        return _finish(result)
+    logger.info("training on %s (%d pending corrections)", roots.all, len(roots.pending_files))
+    outcome = tasks.train(
+        loop.TrainRequest(
+            roots=roots,
+            model_name=settings.model_name,
+            tracking_uri=settings.tracking_uri,
+            experiment=settings.experiment,
+            artifact_root=settings.artifact_root,
+            checkpoint_dir=str(settings.checkpoints_dir / _run_key()),
+            cache_dir=str(settings.home_dir / "cache"),
+            options=training,
+        )
+    )
+    result.run_id = outcome.run_id
+    evaluation = tasks.evaluate(
+        loop.EvaluationRequest(
+            run_id=outcome.run_id,
+            model_name=settings.model_name,
+            tracking_uri=settings.tracking_uri,
+            roots=roots,
+            validation_fraction=training.validation_fraction,
+            min_images_per_label=training.min_images_per_label,
+            cache_dir=str(settings.home_dir / "cache"),
+        )
+    )
+    decision = tasks.decide(evaluation, policy=gate_options.policy(), tracking_uri=settings.tracking_uri)
+    create_markdown_artifact(
+        markdown=decision.to_markdown(title=f"Gate for run {outcome.run_id}"),
+        key="gate-decision",
+        description=decision.reason[:500],
+    )
+    result.gate_passed, result.gate_reason = decision.passed, decision.reason
+    result.candidate_metrics = decision.candidate.to_dict()
+    result.champion_metrics = decision.champion.to_dict() if decision.champion else None
+    logger.info("gate: %s", decision.reason)
+    if not decision.passed:
+        result.skipped.append(
+            "export, image, rollout, feedback and promotion: the gate refused the candidate"
+        )
+        return _finish(result)
+
+    exported = tasks.export_and_register(
+        run_id=outcome.run_id,
+        model_base=settings.models_uri,
+        model_name=settings.model_name,
+        tracking_uri=settings.tracking_uri,
+    )
+    result.exported_version, result.export_path = exported["version"], exported["path"]
+    result.registered_version = str(exported["registered_version"])
+    request = loop.DeliveryRequest(
+        model_name=settings.model_name,
+        model_base=settings.models_uri,
+        version=int(exported["version"]),
+        run_id=outcome.run_id,
+        tracking_uri=settings.tracking_uri,
+        options=delivery,
+    )
+    image = tasks.build_image(request)
+    rollout = tasks.roll_out(request, image.value)
+    smoke = tasks.smoke_test(request, rollout)
+    for step in (image, rollout, smoke):
+        if not step.ran:
+            result.skipped.append(step.detail)
+        logger.info("%s", step.detail)
+    result.image = image.value
+    result.rollout = rollout.detail if rollout.ran else None
+    result.smoke_test = smoke.detail if smoke.ran else None
+
+    consumed = tasks.consume_feedback(
+        feedback_root=settings.feedback_root, run_id=outcome.run_id, files=roots.pending_files
+    )
+    result.feedback_consumed = consumed.moved + consumed.already_moved
+    result.champion_alias = tasks.promote(
+        model_name=settings.model_name,
+        registered_version=int(exported["registered_version"]),
+        tracking_uri=settings.tracking_uri,
+    )
+    return _finish(result)
+
+
+def _finish(result: loop.LoopResult) -> dict[str, Any]:
+    summary = loop.format_summary(result)
+    get_run_logger().info("summary:\n%s", summary)
+    create_markdown_artifact(
+        markdown="# tfloop run summary\n\n```\n" + summary + "\n```\n",
+        key="loop-summary",
+        description=result.reason[:500],
+    )
+    return result.to_dict()
+
+
+@flow(name="train-and-deploy", log_prints=True, persist_result=True)
+def train_and_deploy(
+    reason: str = "manual run",
+    trigger: dict[str, Any] | None = None,
+    home: str | None = None,
+    data_uri: str | None = None,
+    feedback_uri: str | None = None,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    tracking_uri: str | None = None,
+    training: TrainingOptions | None = None,
+    gate: GateOptions | None = None,
+    delivery: DeliveryOptions | None = None,
+) -> dict[str, Any]:
+    """Base dataset + all pending corrections -> train -> gate -> export -> build -> roll out -> promote."""
+    return run_loop(
+        settings=resolve_settings(
+            home=home,
+            data_uri=data_uri,
+            feedback_uri=feedback_uri,
+            model_base=model_base,
+            model_name=model_name,
+            tracking_uri=tracking_uri,
+        ),
+        reason=reason,
+        trigger=trigger,
+        training=training or TrainingOptions(),
+        gate_options=gate or GateOptions(),
+        delivery=delivery or DeliveryOptions(),
+        require_pending=False,
+    )
+
+
+@flow(name="retrain-from-feedback", log_prints=True, persist_result=True)
+def retrain_from_feedback(
+    reason: str = "feedback threshold reached",
+    trigger: dict[str, Any] | None = None,
+    home: str | None = None,
+    data_uri: str | None = None,
+    feedback_uri: str | None = None,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    tracking_uri: str | None = None,
+    training: TrainingOptions | None = None,
+    gate: GateOptions | None = None,
+    delivery: DeliveryOptions | None = None,
+) -> dict[str, Any]:
+    """What the feedback trigger starts: the same loop, skipped when no corrections are pending."""
+    return run_loop(
+        settings=resolve_settings(
+            home=home,
+            data_uri=data_uri,
+            feedback_uri=feedback_uri,
+            model_base=model_base,
+            model_name=model_name,
+            tracking_uri=tracking_uri,
+        ),
+        reason=reason,
+        trigger=trigger,
+        training=training or TrainingOptions(),
+        gate_options=gate or GateOptions(),
+        delivery=delivery or DeliveryOptions(),
+        require_pending=True,
+    )

@@ -1,0 +1,100 @@
+"""Prefect tasks: each a short wrapper over one plain, typed function of training/, export/, k8s/ or loop.py.
+
+Tasks that touch storage, the MLflow registry, an image registry or the cluster retry with exponential
+backoff and have timeouts. Results are persisted (in Prefect's result storage under the state folder) with
+Prefect's default cache policy (inputs + task source + flow run id), so retrying a failed flow run reuses
+the steps that had finished instead of redoing them. Training keeps a checkpoint folder per flow run, so a
+retried training task resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from pipeline import loop
+from training import gate
+
+STORAGE_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.2,
+}
+FIVE_MINUTES = 300
+ONE_HOUR = 3600
+
+
+@task(name="gather-roots", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def gather_roots(*, data_uri: str, feedback_root: str, include_consumed: bool = True) -> loop.DatasetRoots:
+    """The base dataset plus feedback roots, and the pending files this run will consume."""
+    return loop.gather_roots(
+        data_uri=data_uri, feedback_root=feedback_root, include_consumed=include_consumed
+    )
+
+
+@task(name="train", retries=1, retry_delay_seconds=10, timeout_seconds=12 * ONE_HOUR, persist_result=True)
+def train(request: loop.TrainRequest) -> loop.TrainOutcome:
+    """Train and evaluate on the validation split, tracked in MLflow; resumes from its checkpoint on retry."""
+    return loop.train_candidate(request)
+
+
+@task(
+    name="evaluate-candidate-and-champion", **STORAGE_RETRIES, timeout_seconds=ONE_HOUR, persist_result=True
+)
+def evaluate(request: loop.EvaluationRequest) -> loop.Evaluation:
+    """Score the candidate and the current champion on the same held-out data (corrected slice included)."""
+    return loop.evaluate_candidate_and_champion(request)
+
+
+@task(name="gate", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def decide(evaluation: loop.Evaluation, *, policy: gate.GatePolicy, tracking_uri: str) -> gate.GateDecision:
+    """Apply the gate and log the decision on the candidate's MLflow run."""
+    decision = gate.evaluate_gate(evaluation.candidate, evaluation.champion, policy=policy)
+    gate.log_gate_decision(decision, run_id=evaluation.run_id, tracking_uri=tracking_uri)
+    return decision
+
+
+@task(name="export-and-register", **STORAGE_RETRIES, timeout_seconds=ONE_HOUR, persist_result=True)
+def export_and_register(
+    *, run_id: str, model_base: str, model_name: str, tracking_uri: str
+) -> dict[str, Any]:
+    """Export the run's model as the next SavedModel version and register it (alias ``challenger``)."""
+    return loop.export_candidate(
+        run_id=run_id, model_base=model_base, model_name=model_name, tracking_uri=tracking_uri
+    )
+
+
+@task(
+    name="build-image", retries=2, retry_delay_seconds=30, timeout_seconds=2 * ONE_HOUR, persist_result=True
+)
+def build_image(request: loop.DeliveryRequest) -> loop.StepOutcome:
+    """Build (and push) the serving image of the exported version, or say why it was skipped."""
+    return loop.build_serving_image(request)
+
+
+@task(name="roll-out", retries=1, retry_delay_seconds=30, timeout_seconds=ONE_HOUR, persist_result=True)
+def roll_out(request: loop.DeliveryRequest, image: str | None) -> loop.StepOutcome:
+    """Roll the image out through the Kubernetes API (rollback on failure), or say why it was skipped."""
+    return loop.roll_out_image(request, image=image)
+
+
+@task(name="smoke-test", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def smoke_test(request: loop.DeliveryRequest, rollout: loop.StepOutcome) -> loop.StepOutcome:
+    """Check the served version answers (the rollout's smoke test, or the local serving URL)."""
+    return loop.smoke_test_serving(request, rollout=rollout)
+
+
+@task(name="consume-feedback", **STORAGE_RETRIES, timeout_seconds=ONE_HOUR, persist_result=True)
+def consume_feedback(*, feedback_root: str, run_id: str, files: tuple[str, ...]) -> loop.ConsumeResult:
+    """Move the pending corrections this run trained on to ``consumed/<run>/`` (never deleted)."""
+    return loop.consume_feedback(feedback_root=feedback_root, run_id=run_id, files=files)
+
+
+@task(name="promote-champion", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def promote(*, model_name: str, registered_version: int, tracking_uri: str) -> str:
+    """Point the MLflow alias ``champion`` at the new registered version."""
+    return loop.promote_champion(
+        model_name=model_name, registered_version=registered_version, tracking_uri=tracking_uri
+    )

@@ -1,0 +1,219 @@
+"""The feedback trigger end to end: a real Prefect server (event and automation services on), flows.yaml
+deployed to it, a process worker, a real serving process that emits ``tfloop.feedback.received`` over HTTP,
+and exactly one ``retrain-from-feedback`` flow run once the threshold is crossed.
+
+Slow (a server, a worker and a serving process start; a tiny model is exported). The retraining run is the
+real flow; the test stops it once it has been seen running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLD = 3
+LABELS = ("circle", "square")
+
+
+def _png(seed: int) -> bytes:
+    from training.demo_data import draw_demo_image
+
+    buffer = io.BytesIO()
+    draw_demo_image(LABELS[seed % 2], seed=1000 + seed, image_size=32).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _start(command: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process this test started, with everything it started (its own process group)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
+
+def _wait_until(predicate: Any, *, timeout: float, what: str, logs: list[Path]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1.0)
+    tails = "\n".join(
+        f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]) for log in logs
+    )
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+@pytest.fixture
+def exported_model(tfloop_home: Path) -> dict[str, str]:
+    """A tiny (untrained) model exported for real, a tiny base dataset and an empty feedback queue."""
+    from export.api import export_model
+    from training.demo_data import make_demo_dataset
+    from training.models import build_model
+
+    data = tfloop_home / "data" / "demo"
+    make_demo_dataset(str(data), per_class=6, image_size=32, labels=LABELS)
+    model = build_model("mobilenet_v2", len(LABELS), image_size=32, weights="none")
+    base = tfloop_home / "models"
+    export_model(
+        model, base=str(base), model_name="tfloop-classifier", labels=list(LABELS), backbone="mobilenet_v2"
+    )
+    return {"data": str(data), "models": str(base), "feedback": str(tfloop_home / "feedback")}
+
+
+@pytest.fixture
+def prefect_server(tfloop_home: Path) -> Iterator[Any]:
+    from pipeline.prefect_server import start_server
+
+    with start_server(home=tfloop_home / "prefect", startup_timeout=300) as server:
+        yield server
+
+
+def _feedback_runs(api_url: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return list(
+            client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["feedback-retrain"]))
+            )
+        )
+
+
+def test_threshold_of_corrections_starts_exactly_one_retraining_run(
+    tfloop_home: Path, exported_model: dict[str, str], prefect_server: Any, tmp_path: Path
+) -> None:
+    from pipeline.prefect_server import DeployOptions, deploy_flows
+
+    api_url = prefect_server.api_url
+    deployed = deploy_flows(
+        flows_file=ROOT / "flows.yaml",
+        project_dir=ROOT,
+        api_url=api_url,
+        home=tfloop_home / "prefect",
+        options=DeployOptions(
+            feedback_threshold=THRESHOLD,
+            feedback_within_s=3600,
+            names=("feedback-retrain",),
+            parameters={
+                "training": {"image_size": 32, "epochs": 1, "batch_size": 8, "min_images_per_label": 2}
+            },
+        ),
+    )
+    assert deployed == ["feedback-retrain"]
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(prefect_server.env())
+    env.update(
+        {
+            "TFLOOP_HOME": str(tfloop_home),
+            "TFLOOP_DATA_URI": exported_model["data"],
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        }
+    )
+    worker_log, serving_log = tmp_path / "worker.log", tmp_path / "serving.log"
+    logs = [worker_log, serving_log, prefect_server.log_path]
+    worker = _start(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tfloop-local", "--type", "process"],
+        env=env,
+        log=worker_log,
+    )
+    port = free_port()
+    serving_env = dict(
+        env,
+        TFLOOP_SERVE_MODEL_BASE=exported_model["models"],
+        TFLOOP_SERVE_MODEL_NAME="tfloop-classifier",
+        TFLOOP_SERVE_FEEDBACK_URI=exported_model["feedback"],
+        TFLOOP_SERVE_CACHE_DIR=str(tmp_path / "serving-cache"),
+        TFLOOP_SERVE_HOST="127.0.0.1",
+        TFLOOP_SERVE_PORT=str(port),
+        TFLOOP_SERVE_PREFECT_API_URL=api_url,
+    )
+    serving = _start([sys.executable, "-m", "serving"], env=serving_env, log=serving_log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_until(ready, timeout=300, what="the serving process to be ready", logs=logs)
+
+        def post(index: int) -> None:
+            answer = httpx.post(
+                f"{url}/feedback",
+                data={"label": LABELS[index % 2]},
+                files={"file": (f"img{index}.png", _png(index), "image/png")},
+                timeout=60,
+            )
+            assert answer.status_code == 202, answer.text
+
+        for index in range(THRESHOLD - 1):
+            post(index)
+        time.sleep(15)  # time enough for a wrongly eager trigger to fire
+        assert _feedback_runs(api_url) == [], "a run started below the threshold"
+
+        post(THRESHOLD - 1)
+        runs = _wait_until(
+            lambda: _feedback_runs(api_url),
+            timeout=180,
+            what="the feedback trigger to start a run",
+            logs=logs,
+        )
+
+        def running() -> Any:
+            found = _feedback_runs(api_url)
+            return (
+                found
+                if any(r.state and (r.state.is_running() or r.state.is_final()) for r in found)
+                else None
+            )
+
+        runs = _wait_until(running, timeout=180, what="the worker to run the retraining flow", logs=logs)
+        time.sleep(10)  # no second run may follow
+        runs = _feedback_runs(api_url)
+        assert len(runs) == 1, [(r.name, r.state_name) for r in runs]
+        run = runs[0]
+        assert run.parameters["reason"] == "feedback threshold reached"
+        assert run.parameters["trigger"]["event"] == "tfloop.feedback.received"
+        assert run.parameters["trigger"]["resource"] == "tfloop.model.tfloop-classifier"
+        assert run.parameters["trigger"]["event_id"]
+        assert run.parameters["training"]["epochs"] == 1
+        assert run.state is not None and not run.state.is_failed(), run.state
+    finally:
+        _stop(serving)
+        _stop(worker)
