@@ -1,0 +1,371 @@
+"""Dataset ingestion and the ``tf.data`` input pipeline.
+
+A dataset is one or more roots (local folders or ``gs://`` prefixes) laid out ``<label>/<image file>``; the
+base dataset and the feedback queue's ``pending/`` folder are scanned together. :func:`scan_dataset` lists
+every root, validates every file (skipping and counting corrupt, empty, non-image and unsupported files),
+assigns each file a train/validation side from a hash of its relative path ``<label>/<file>`` (so a file
+keeps its side when new data arrives) and returns per-file :class:`FileRecord` objects plus a
+:class:`DataReport`. Files on GCS are downloaded into a local cache folder, so the pipeline reads local
+files on every backend. :func:`make_image_dataset` turns records into batches of float32 RGB pixels in
+``[0, 255]`` with parallel decode, caching, optional augmentation (train side only) and prefetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Literal
+
+import storage
+from storage import TfloopError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp"})
+Side = Literal["train", "validation"]
+SkipReason = Literal["empty", "unsupported_extension", "not_an_image", "corrupt", "outside_label_folder"]
+SKIP_REASONS: tuple[SkipReason, ...] = (
+    "empty",
+    "unsupported_extension",
+    "not_an_image",
+    "corrupt",
+    "outside_label_folder",
+)
+_IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")
+_MAX_LISTED_SKIPS = 200
+_SPLIT_BUCKETS = 10_000
+
+
+class DatasetError(TfloopError):
+    """The dataset cannot be trained on (too few labels or images, unreadable roots)."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One valid image: where it is, its label, its split side and which root it came from."""
+
+    uri: str
+    label: str
+    relative_path: str
+    side: Side
+    root: str
+    local_path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file ingestion left out, and why."""
+
+    uri: str
+    reason: SkipReason
+
+
+@dataclass
+class DataReport:
+    """What ingestion found: per-label counts per side, skipped files by reason, the dataset fingerprint."""
+
+    roots: list[str]
+    labels: list[str]
+    validation_fraction: float
+    images: int
+    train_counts: dict[str, int]
+    validation_counts: dict[str, int]
+    per_root_counts: dict[str, int]
+    skipped_counts: dict[str, int]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped_counts.values())
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["skipped_total"] = self.skipped_total
+        data["skipped_listed"] = len(self.skipped)
+        return data
+
+
+@dataclass(frozen=True)
+class ScannedDataset:
+    """The valid records of a scanned dataset, its label order and its report."""
+
+    records: tuple[FileRecord, ...]
+    labels: tuple[str, ...]
+    report: DataReport
+
+    @property
+    def fingerprint(self) -> str:
+        return self.report.fingerprint
+
+    def side(self, side: Side) -> list[FileRecord]:
+        return [record for record in self.records if record.side == side]
+
+    def from_root(self, root: str) -> list[FileRecord]:
+        return [record for record in self.records if record.root == root]
+
+
+def split_side(relative_path: str, *, validation_fraction: float) -> Side:
+    """The side of a file, from a hash of its ``<label>/<file>`` path only (stable across retrains)."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % _SPLIT_BUCKETS
+    return "validation" if bucket < validation_fraction * _SPLIT_BUCKETS else "train"
+
+
+def classify_image_bytes(name: str, data: bytes) -> SkipReason | None:
+    """None if ``data`` is a complete image TensorFlow can decode, else the reason to skip it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "empty"
+    if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        return "unsupported_extension"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in {"JPEG", "PNG", "GIF", "BMP", "MPO"}:
+                    return "not_an_image"
+                image.load()
+    except UnidentifiedImageError:
+        return "corrupt" if data.startswith(_IMAGE_SIGNATURES) else "not_an_image"
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return "corrupt"
+    return None
+
+
+def _cache_folder(cache_dir: Path, root: str) -> Path:
+    return cache_dir / hashlib.sha256(root.encode("utf-8")).hexdigest()[:16]
+
+
+def _validate_one(
+    root: str, name: str, *, cache_dir: Path | None, validation_fraction: float
+) -> FileRecord | SkippedFile:
+    uri = storage.join(root, name)
+    parts = PurePosixPath(name).parts
+    if len(parts) < 2:
+        return SkippedFile(uri=uri, reason="outside_label_folder")
+    if PurePosixPath(name).suffix.lower() not in IMAGE_EXTENSIONS or parts[-1].startswith("."):
+        return SkippedFile(uri=uri, reason="unsupported_extension")
+    data = storage.read_bytes(uri)
+    reason = classify_image_bytes(name, data)
+    if reason is not None:
+        return SkippedFile(uri=uri, reason=reason)
+    if storage.is_gcs(root):
+        if cache_dir is None:
+            raise DatasetError(f"{root} is on GCS: pass a local cache folder to download its images into")
+        local = _cache_folder(cache_dir, root) / name
+        if not (local.is_file() and local.stat().st_size == len(data) and local.read_bytes() == data):
+            storage.write_bytes(str(local), data)
+    else:
+        local = storage.local_path(uri)
+    return FileRecord(
+        uri=uri,
+        label=parts[0],
+        relative_path=name,
+        side=split_side(name, validation_fraction=validation_fraction),
+        root=root,
+        local_path=str(local),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def dataset_fingerprint(records: Sequence[FileRecord]) -> str:
+    """A hash of the file list, labels and contents: equal fingerprints mean equal training data."""
+    lines = sorted(f"{r.label}\t{r.relative_path}\t{r.sha256}" for r in records)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def scan_dataset(
+    roots: Sequence[str],
+    *,
+    validation_fraction: float = 0.2,
+    min_images_per_label: int = 5,
+    cache_dir: Path | None = None,
+    required_roots: Sequence[str] | None = None,
+    workers: int = 8,
+) -> ScannedDataset:
+    """List and validate every file below ``roots``; return the valid records, labels and a report.
+
+    Roots in ``required_roots`` (default: the first root) must exist; others (e.g. an empty feedback
+    queue) may be missing. Raises :class:`DatasetError` when a label has fewer than
+    ``min_images_per_label`` valid images, when fewer than two labels remain, or when either side is empty.
+    """
+    if not roots:
+        raise DatasetError(
+            "no dataset given; pass --data with a folder or gs:// prefix laid out <label>/<image>"
+        )
+    if not 0.0 < validation_fraction < 1.0:
+        raise DatasetError(f"validation fraction must be between 0 and 1, got {validation_fraction}")
+    required = list(required_roots) if required_roots is not None else [roots[0]]
+    jobs: list[tuple[str, str]] = []
+    for root in roots:
+        names = storage.list_files(root)
+        if not names and root in required:
+            raise DatasetError(
+                f"{root} holds no files; point --data at a folder or gs:// prefix laid out <label>/<image> "
+                "(`tfloop data make-demo OUT` writes one)"
+            )
+        jobs.extend((root, name) for name in names)
+
+    def work(job: tuple[str, str]) -> FileRecord | SkippedFile:
+        return _validate_one(job[0], job[1], cache_dir=cache_dir, validation_fraction=validation_fraction)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(work, jobs))
+    records = tuple(r for r in results if isinstance(r, FileRecord))
+    skipped = [r for r in results if isinstance(r, SkippedFile)]
+
+    per_label = Counter(r.label for r in records)
+    seen_labels = {PurePosixPath(name).parts[0] for _, name in jobs if len(PurePosixPath(name).parts) >= 2}
+    for label in sorted(seen_labels):
+        if per_label[label] < min_images_per_label:
+            raise DatasetError(
+                f"label {label!r} has {per_label[label]} valid images, fewer than the minimum "
+                f"{min_images_per_label}; add images to {label}/, remove the folder, or lower --min-images"
+            )
+    labels = tuple(sorted(per_label))
+    if len(labels) < 2:
+        raise DatasetError(
+            f"found {len(labels)} label(s) {list(labels)} in {list(roots)}; a classifier needs at least two "
+            "label folders <label>/<image>"
+        )
+    train_counts = Counter(r.label for r in records if r.side == "train")
+    validation_counts = Counter(r.label for r in records if r.side == "validation")
+    if not train_counts or not validation_counts:
+        raise DatasetError(
+            f"the split left the {'train' if not train_counts else 'validation'} side empty; add images or "
+            "change --validation-fraction"
+        )
+    skipped_counts = Counter(s.reason for s in skipped)
+    report = DataReport(
+        roots=list(roots),
+        labels=list(labels),
+        validation_fraction=validation_fraction,
+        images=len(records),
+        train_counts={label: train_counts[label] for label in labels},
+        validation_counts={label: validation_counts[label] for label in labels},
+        per_root_counts={root: sum(1 for r in records if r.root == root) for root in roots},
+        skipped_counts={reason: skipped_counts[reason] for reason in SKIP_REASONS},
+        skipped=skipped[:_MAX_LISTED_SKIPS],
+        fingerprint=dataset_fingerprint(records),
+    )
+    return ScannedDataset(records=records, labels=labels, report=report)
+
+
+def report_json(report: DataReport) -> str:
+    """The data report as indented JSON (what MLflow stores as ``data_report.json``)."""
+    return json.dumps(report.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tf.data pipeline
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-side augmentation: horizontal flip, small rotation (fraction of a turn) and zoom."""
+
+    flip: bool = True
+    rotation: float = 0.05
+    zoom: float = 0.1
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.rotation > 0 or self.zoom > 0
+
+
+def decode_image(data: tf.Tensor, *, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF (first frame)/BMP bytes -> float32 ``(S, S, 3)`` RGB in ``[0, 255]``.
+
+    Grayscale and RGBA inputs become RGB (alpha is dropped).
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _augmenter(augment: AugmentConfig, seed: int) -> tf.keras.Sequential:
+    import keras
+
+    layers: list[keras.layers.Layer] = []
+    if augment.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if augment.rotation > 0:
+        layers.append(keras.layers.RandomRotation(augment.rotation, fill_mode="reflect", seed=seed + 1))
+    if augment.zoom > 0:
+        layers.append(keras.layers.RandomZoom(augment.zoom, fill_mode="reflect", seed=seed + 2))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def make_image_dataset(
+    records: Sequence[FileRecord],
+    labels: Sequence[str],
+    *,
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    cache: bool = True,
+) -> tf.data.Dataset:
+    """Batches of ``(images float32 [B, S, S, 3] in [0, 255], label index int32 [B])`` from ``records``.
+
+    Files are read and decoded in parallel, cached in memory as uint8 after resizing (``cache``), shuffled
+    each epoch and augmented on the train side (``training``), and prefetched.
+    """
+    import tensorflow as tf
+
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({r.label for r in records} - set(index))
+    if unknown:
+        raise DatasetError(f"labels {unknown} are not among the model's labels {list(labels)}")
+    paths = [r.local_path for r in records]
+    targets = [index[r.label] for r in records]
+    autotune = tf.data.AUTOTUNE
+
+    def load(path: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = decode_image(tf.io.read_file(path), image_size=image_size)
+        return tf.cast(tf.round(image), tf.uint8), target
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths, dtype=tf.string), tf.constant(targets, dtype=tf.int32))
+    )
+    options = tf.data.Options()
+    options.deterministic = not training
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
+    dataset = dataset.map(load, num_parallel_calls=autotune)
+    if cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(min(len(paths), 10_000), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, num_parallel_calls=autotune)
+    dataset = dataset.map(lambda images, y: (tf.cast(images, tf.float32), y), num_parallel_calls=autotune)
+    if training and augment is not None and augment.active:
+        augmenter = _augmenter(augment, seed)
+
+        def augment_batch(images: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return tf.clip_by_value(augmenter(images, training=True), 0.0, 255.0), y
+
+        dataset = dataset.map(augment_batch, num_parallel_calls=autotune)
+    return dataset.prefetch(autotune)
+
+
+def load_images(paths: Sequence[str], *, image_size: int) -> tf.Tensor:
+    """Decode and resize local image files into one float32 batch (for small evaluation sets)."""
+    import tensorflow as tf
+
+    return tf.stack([decode_image(tf.io.read_file(p), image_size=image_size) for p in paths])
