@@ -201,7 +201,9 @@ def exists(uri: str) -> bool:
             if key and bucket.blob(key).exists(retry=_retry(), timeout=GCS_TIMEOUT_SECONDS):
                 return True
             prefix = f"{key}/" if key else ""
-            return any(True for _ in bucket.list_blobs(prefix=prefix, max_results=1, timeout=GCS_TIMEOUT_SECONDS))
+            return any(
+                True for _ in bucket.list_blobs(prefix=prefix, max_results=1, timeout=GCS_TIMEOUT_SECONDS)
+            )
     return local_path(uri).exists()
 
 
@@ -221,10 +223,19 @@ def read_text(uri: str) -> str:
 
 
 def _temp_beside(path: Path) -> Path:
+    """An empty temporary file next to ``path``, with the mode a plain ``open()`` would give it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+@functools.cache
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -318,13 +329,17 @@ def copy_tree(src: str, dst: str, *, last: Sequence[str] = ("saved_model.pb",)) 
             target = local_path(dst) / name
             with _gcs_errors(src, "download"):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                bucket.blob(key).download_to_filename(str(target), retry=_retry(), timeout=GCS_TIMEOUT_SECONDS)
+                bucket.blob(key).download_to_filename(
+                    str(target), retry=_retry(), timeout=GCS_TIMEOUT_SECONDS
+                )
         else:
             write_bytes(join(dst, name), read_bytes(join(src, name)))
     return len(names)
 
 
-def upload_tree(local_dir: str | os.PathLike[str], dst: str, *, last: Sequence[str] = ("saved_model.pb",)) -> int:
+def upload_tree(
+    local_dir: str | os.PathLike[str], dst: str, *, last: Sequence[str] = ("saved_model.pb",)
+) -> int:
     """Copy a local folder to ``dst`` (local or GCS), ``last`` files at the end. Returns the file count."""
     return copy_tree(os.fspath(local_dir), dst, last=last)
 
@@ -346,7 +361,9 @@ def move(src: str, dst: str) -> None:
                 os.link(source, target)
             except FileExistsError:
                 if target.read_bytes() != source.read_bytes():
-                    raise StorageError(f"cannot move {src} to {dst}: a different file is already there") from None
+                    raise StorageError(
+                        f"cannot move {src} to {dst}: a different file is already there"
+                    ) from None
             source.unlink()
         return
     data = read_bytes(src)

@@ -18,8 +18,20 @@ pytestmark = pytest.mark.code
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_ALLOWED = {
-    "serving", "storage", "tensorflow", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings",
-    "PIL", "numpy", "prometheus_client", "httpx", "google", "anyio",
+    "serving",
+    "storage",
+    "tensorflow",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic_settings",
+    "PIL",
+    "numpy",
+    "prometheus_client",
+    "httpx",
+    "google",
+    "anyio",
 }
 
 
@@ -67,5 +79,9 @@ def test_prefect_tasks_are_thin_wrappers() -> None:
             continue
         decorators = {ast.unparse(d).split("(")[0] for d in node.decorator_list}
         if decorators & {"task", "prefect.task"}:
-            body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-            assert len(body) <= 6, f"task {node.name} has {len(body)} statements: move the logic to a plain function"
+            body = [
+                s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+            ]
+            assert len(body) <= 6, (
+                f"task {node.name} has {len(body)} statements: move the logic to a plain function"
+            )

@@ -34,6 +34,14 @@ def test_write_read_list(root: str) -> None:
     assert storage.list_files(storage.join(root, "missing")) == []
 
 
+def test_local_writes_are_readable_by_others(tmp_path: Path) -> None:
+    target = tmp_path / "public.json"
+    storage.write_text(str(target), "{}")
+    storage.write_if_absent(str(tmp_path / "other.bin"), b"x")
+    assert target.stat().st_mode & 0o044 == 0o044
+    assert (tmp_path / "other.bin").stat().st_mode & 0o044 == 0o044
+
+
 def test_write_if_absent_never_overwrites(root: str) -> None:
     target = storage.join(root, "q", "item.json")
     assert storage.write_if_absent(target, b"first") is True
@@ -50,7 +58,10 @@ def test_copy_tree_writes_marker_last_and_roundtrips(root: str, tmp_path: Path) 
     local = storage.download_tree(storage.join(root, "m", "1"), tmp_path / "back")
     assert (local / "saved_model.pb").read_bytes() == b"pb"
     assert (local / "variables" / "v.data").read_bytes() == b"data"
-    assert storage.core._ordered(["saved_model.pb", "variables/v.data"], ("saved_model.pb",))[-1] == "saved_model.pb"
+    assert (
+        storage.core._ordered(["saved_model.pb", "variables/v.data"], ("saved_model.pb",))[-1]
+        == "saved_model.pb"
+    )
 
 
 def test_move_and_delete(root: str) -> None:
@@ -96,7 +107,7 @@ def test_unreachable_bucket_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(storage.core, "GCS_TIMEOUT_SECONDS", 2.0)
-    with pytest.raises(storage.StorageError, match="unreachable|did not answer"):
+    with pytest.raises(storage.StorageError, match=r"unreachable|did not answer"):
         storage.read_bytes("gs://nowhere/x")
 
 

@@ -29,12 +29,12 @@ def _step(number: int, text: str) -> None:
 
 
 def demo(
-    per_class: Annotated[int, typer.Option(help="Demo images per class.")] = 40,
-    image_size: Annotated[int, typer.Option(help="Training and demo image size (pixels).")] = 32,
-    epochs: Annotated[int, typer.Option(help="Training epochs of v1 and v2.")] = 10,
+    per_class: Annotated[int, typer.Option(help="Demo images per class.")] = 50,
+    image_size: Annotated[int, typer.Option(help="Training and demo image size (pixels).")] = 48,
+    epochs: Annotated[int, typer.Option(help="Training epochs of v1 and v2.")] = 6,
     classes: Annotated[
         str, typer.Option(help="Comma-separated demo classes (of: " + ", ".join(DEMO_CHOICES) + ").")
-    ] = "circle,stripes,checkerboard",
+    ] = ",".join(DEMO_CHOICES),
     corrections: Annotated[int, typer.Option(help="Corrected labels to send (also the threshold).")] = 12,
     min_accuracy: Annotated[
         float, typer.Option(help="The gate's accuracy floor (v1 must reach it to be served).")
