@@ -204,7 +204,7 @@ class TrainingOptions(BaseModel):
     image_size: int = Field(default=64, ge=32, le=512)
     epochs: int = Field(default=5, ge=1)
     fine_tune_epochs: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=16, ge=1)
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     min_images_per_label: int = Field(default=5, ge=1)
     seed: int = 0

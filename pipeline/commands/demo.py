@@ -31,7 +31,7 @@ def _step(number: int, text: str) -> None:
 def demo(
     per_class: Annotated[int, typer.Option(help="Demo images per class.")] = 50,
     image_size: Annotated[int, typer.Option(help="Training and demo image size (pixels).")] = 48,
-    epochs: Annotated[int, typer.Option(help="Training epochs of v1 and v2.")] = 6,
+    epochs: Annotated[int, typer.Option(help="Training epochs of v1 and v2.")] = 8,
     classes: Annotated[
         str, typer.Option(help="Comma-separated demo classes (of: " + ", ".join(DEMO_CHOICES) + ").")
     ] = ",".join(DEMO_CHOICES),
@@ -212,7 +212,7 @@ def run_flow(
 
     kwargs: dict[str, Any] = {
         "home": str(settings.home_dir),
-        "training": TrainingOptions(image_size=image_size, epochs=epochs, batch_size=32),
+        "training": TrainingOptions(image_size=image_size, epochs=epochs, batch_size=16),
         "gate": GateOptions(min_accuracy=min_accuracy, max_accuracy_drop=0.02, max_macro_f1_drop=0.02),
         "delivery": DeliveryOptions(serving_url=serving_url, smoke_timeout_s=180.0),
     }
