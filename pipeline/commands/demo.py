@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -222,7 +223,9 @@ def run_flow(
 
 
 def mlflow_ui_command(settings: Any) -> str:
-    return f"mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    program = str(mlflow_cli) if mlflow_cli.exists() else "mlflow"
+    return f"{program} ui --backend-store-uri {settings.tracking_uri} --port 5000"
 
 
 def serve_command(settings: Any) -> str:
