@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
 
 def free_port() -> int:
@@ -63,3 +64,18 @@ def tfloop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TFLOOP_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_ephemeral_servers() -> Iterator[None]:
+    """Stop Prefect's in-process temporary servers while pytest's output streams are still open.
+
+    Prefect stops them at interpreter exit otherwise, and its log line then hits a closed stream.
+    """
+    yield
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            server.stop()
