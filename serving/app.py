@@ -446,17 +446,22 @@ def _add_routes(app: FastAPI) -> None:
         """TF Serving metadata of one version."""
         return metadata(services, name, version)
 
-    @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"])
-    async def predict(name: str, body: PredictRequest, services: ServicesDep) -> dict[str, Any]:
+    # The answers are plain JSON types already: a JSONResponse skips FastAPI's re-encoding of every value.
+    @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"], response_model=dict[str, Any])
+    async def predict(name: str, body: PredictRequest, services: ServicesDep) -> JSONResponse:
         """TF Serving predict (row ``instances`` or columnar ``inputs``; binary as ``{"b64": ...}``)."""
-        return await run_predict(services, name, None, body)
+        return JSONResponse(await run_predict(services, name, None, body))
 
-    @app.post("/v1/models/{name}/versions/{version}:predict", tags=["tensorflow-serving"])
+    @app.post(
+        "/v1/models/{name}/versions/{version}:predict",
+        tags=["tensorflow-serving"],
+        response_model=dict[str, Any],
+    )
     async def predict_version(
         name: str, version: int, body: PredictRequest, services: ServicesDep
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """TF Serving predict on one version."""
-        return await run_predict(services, name, version, body)
+        return JSONResponse(await run_predict(services, name, version, body))
 
     # classify and feedback -----------------------------------------------------------------------
 
