@@ -180,6 +180,26 @@ def test_training_pipeline_shuffles_and_augments_only_the_train_side(tmp_path: P
     assert not np.allclose(epoch_one[0].numpy(), epoch_two[0].numpy())
 
 
+def test_augmentation_resamples_about_the_centre_and_keeps_shapes() -> None:
+    import tensorflow as tf
+
+    from training.data import AugmentConfig, augment_batch
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (4, 20, 20, 3)), dtype=tf.float32)
+    unchanged = augment_batch(images, AugmentConfig(flip=False, rotation=0, zoom=0), seed=0)
+    np.testing.assert_array_equal(unchanged.numpy(), images.numpy())
+    near_identity = augment_batch(images, AugmentConfig(flip=False, rotation=1e-7, zoom=1e-7), seed=0)
+    np.testing.assert_allclose(near_identity.numpy(), images.numpy(), atol=1e-2)
+    flipped = augment_batch(images, AugmentConfig(flip=True, rotation=0, zoom=0), seed=3).numpy()
+    for image, out in zip(images.numpy(), flipped, strict=True):
+        assert np.array_equal(out, image) or np.array_equal(out, image[:, ::-1])
+    augmented = augment_batch(images, AugmentConfig(), seed=1)
+    assert augmented.shape == images.shape
+    assert not np.allclose(augmented.numpy(), images.numpy())
+    assert float(tf.reduce_min(augmented)) >= 0.0 and float(tf.reduce_max(augmented)) <= 255.0 + 1e-3
+
+
 def test_demo_dataset_is_deterministic_and_complete(tmp_path: Path) -> None:
     one = make_demo_dataset(str(tmp_path / "one"), per_class=4, seed=3, image_size=32)
     two = make_demo_dataset(str(tmp_path / "two"), per_class=4, seed=3, image_size=32)
