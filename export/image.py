@@ -334,6 +334,18 @@ def choose_builder(spec: ImageSpec) -> Builder:
     )
 
 
+def _shared_build_flags(spec: ImageSpec, *, arguments: Mapping[str, str], tags: Sequence[str]) -> list[str]:
+    """The flags that ``buildah build`` and ``docker build`` spell alike: CA secret, build args, tags."""
+    flags: list[str] = []
+    if spec.ca_bundle:
+        flags += ["--secret", f"id=cacert,src={spec.ca_bundle}"]
+    for key, value in arguments.items():
+        flags += ["--build-arg", f"{key}={value}"]
+    for tag in tags:
+        flags += ["-t", tag]
+    return flags
+
+
 def _stream(command: Sequence[str], on_log: LogSink, *, env: Mapping[str, str] | None = None) -> int:
     """Run ``command``, passing each output line to ``on_log`` as it comes; returns the exit status."""
     try:
@@ -395,12 +407,7 @@ def _build_with_buildah(
         command += ["--isolation", spec.isolation]
     if spec.layer_cache:
         command += ["--layers"]
-    if spec.ca_bundle:
-        command += ["--secret", f"id=cacert,src={spec.ca_bundle}"]
-    for key, value in arguments.items():
-        command += ["--build-arg", f"{key}={value}"]
-    for tag in tags:
-        command += ["-t", tag]
+    command += _shared_build_flags(spec, arguments=arguments, tags=tags)
     command.append(str(context.path))
     on_log("$ " + " ".join(command))
     status = _stream(command, on_log)
@@ -484,12 +491,7 @@ def _build_with_docker(
 ) -> str:
     iidfile = context.path.parent / f".{context.path.name}.iid"
     command = ["docker", "build", "-f", str(context.path / DOCKERFILE), "--iidfile", str(iidfile)]
-    if spec.ca_bundle:
-        command += ["--secret", f"id=cacert,src={spec.ca_bundle}"]
-    for key, value in arguments.items():
-        command += ["--build-arg", f"{key}={value}"]
-    for tag in tags:
-        command += ["-t", tag]
+    command += _shared_build_flags(spec, arguments=arguments, tags=tags)
     command.append(str(context.path))
     on_log("$ " + " ".join(command))
     status = _stream(command, on_log, env={**os.environ, "DOCKER_BUILDKIT": "1"})
