@@ -362,27 +362,10 @@ def test_live_claim_is_respected_and_stale_claim_is_cleaned(exported, tmp_path):
 
 
 def test_concurrent_exports_get_distinct_versions(exported, tmp_path):
-    from export.publish import publish_version
     from storage import versions
 
     base = str(tmp_path / "models")
-    results: list[int] = []
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def publish() -> None:
-        barrier.wait()
-        try:
-            results.append(publish_version(exported.path, base=base, model_name="shapes").version)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=publish) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors
+    results = _publish_concurrently(exported.path, base=base, writers=4, timeout_s=120)
     assert len(set(results)) == 4
     assert versions.complete_versions(base, "shapes") == sorted(results)
     for version in results:
@@ -521,27 +504,10 @@ def test_gcs_versions_partial_and_crash(exported, gcs_bucket, tmp_path):
 
 
 def test_gcs_concurrent_exports(exported, gcs_bucket):
-    from export.publish import publish_version
     from storage import versions
 
     base = f"{gcs_bucket}/models"
-    results: list[int] = []
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(3)
-
-    def publish() -> None:
-        barrier.wait()
-        try:
-            results.append(publish_version(exported.path, base=base, model_name="shapes").version)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=publish) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    assert not errors
+    results = _publish_concurrently(exported.path, base=base, writers=3, timeout_s=180)
     assert len(set(results)) == 3
     assert versions.complete_versions(base, "shapes") == sorted(results)
 
@@ -610,3 +576,27 @@ def test_real_backbone_exports_verifies_and_serves_without_keras(tmp_path):
     image = tmp_path / "x.jpg"
     image.write_bytes(encode(sample_pixels(32), "JPEG"))
     assert sorted(load_without_keras(result.path, image)) == sorted(LABELS[:3])
+
+
+def _publish_concurrently(path: Path, *, base: str, writers: int, timeout_s: float) -> list[int]:
+    """Publish the same export from ``writers`` threads at once; the versions they got (no errors allowed)."""
+    from export.publish import publish_version
+
+    results: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(writers)
+
+    def publish() -> None:
+        barrier.wait()
+        try:
+            results.append(publish_version(path, base=base, model_name="shapes").version)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=publish) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    assert not errors
+    return results
