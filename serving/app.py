@@ -33,7 +33,7 @@ from serving.batching import DynamicBatcher
 from serving.errors import InvalidInput, ModelNotReady, NotFound, ServingError, Unauthorized
 from serving.events import PrefectEventSender, feedback_event
 from serving.feedback import FeedbackItem, FeedbackQueue, RecentPrediction, RecentPredictions, check_label
-from serving.images import ImageInfo, validate_image
+from serving.images import ImageInfo, check_image_header, validate_image
 from serving.metrics import ServingMetrics
 from serving.model import DEFAULT_SIGNATURE, ModelManager, Prediction, ServedModel
 from serving.settings import ServingSettings
@@ -86,6 +86,14 @@ def build_services(settings: ServingSettings) -> Services:
     def predict(images: Any) -> list[Prediction]:
         return manager.require().predict_bytes(images)
 
+    def screen(image: bytes) -> ServingError | None:
+        """Why ``image`` alone is bad (Pillow's full decode), after the model refused its batch."""
+        try:
+            validate_image(image, max_pixels=settings.max_image_pixels)
+        except ServingError as error:
+            return error
+        return None
+
     in_flight = InFlight()
     batcher: DynamicBatcher[bytes, Prediction] = DynamicBatcher(
         predict,
@@ -93,6 +101,8 @@ def build_services(settings: ServingSettings) -> Services:
         max_wait_s=settings.max_batch_wait_ms / 1000,
         on_batch=metrics.batch_size.observe,
         requests_in_flight=lambda: in_flight.count,
+        screen=screen,
+        workers=int(__import__("os").environ.get("W", "1")),  # HACK
     )
     events = None
     if settings.prefect_api_url:
@@ -115,7 +125,8 @@ def build_services(settings: ServingSettings) -> Services:
     )
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """Async, so FastAPI resolves it on the event loop instead of a thread hop per request."""
     services: Services = request.app.state.services
     return services
 
@@ -124,7 +135,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server is started with a token.")
 
 
-def require_token(
+async def require_token(
     services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     token = services.settings.token
@@ -354,6 +365,24 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
 
 def _add_routes(app: FastAPI) -> None:
+    # The hot path comes first (routes match in order). The answers are plain JSON types already: a
+    # JSONResponse skips FastAPI's re-encoding of every value.
+    @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"], response_model=dict[str, Any])
+    async def predict(name: str, body: PredictRequest, services: ServicesDep) -> JSONResponse:
+        """TF Serving predict (row ``instances`` or columnar ``inputs``; binary as ``{"b64": ...}``)."""
+        return JSONResponse(await run_predict(services, name, None, body))
+
+    @app.post(
+        "/v1/models/{name}/versions/{version}:predict",
+        tags=["tensorflow-serving"],
+        response_model=dict[str, Any],
+    )
+    async def predict_version(
+        name: str, version: int, body: PredictRequest, services: ServicesDep
+    ) -> JSONResponse:
+        """TF Serving predict on one version."""
+        return JSONResponse(await run_predict(services, name, version, body))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_page())
@@ -446,23 +475,6 @@ def _add_routes(app: FastAPI) -> None:
         """TF Serving metadata of one version."""
         return metadata(services, name, version)
 
-    # The answers are plain JSON types already: a JSONResponse skips FastAPI's re-encoding of every value.
-    @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"], response_model=dict[str, Any])
-    async def predict(name: str, body: PredictRequest, services: ServicesDep) -> JSONResponse:
-        """TF Serving predict (row ``instances`` or columnar ``inputs``; binary as ``{"b64": ...}``)."""
-        return JSONResponse(await run_predict(services, name, None, body))
-
-    @app.post(
-        "/v1/models/{name}/versions/{version}:predict",
-        tags=["tensorflow-serving"],
-        response_model=dict[str, Any],
-    )
-    async def predict_version(
-        name: str, version: int, body: PredictRequest, services: ServicesDep
-    ) -> JSONResponse:
-        """TF Serving predict on one version."""
-        return JSONResponse(await run_predict(services, name, version, body))
-
     # classify and feedback -----------------------------------------------------------------------
 
     @app.post("/classify", tags=["classify"], response_model=ClassifyResponse)
@@ -515,6 +527,8 @@ async def predict_image(services: Services, data: bytes, *, where: str) -> Predi
     """One validated image through the batcher; a model failure on it is the client's 400."""
     try:
         return await services.batcher.submit(data)
+    except InvalidInput as error:
+        raise InvalidInput(f"{where}: {error}") from error
     except ServingError:
         raise
     except Exception as error:  # the model refused this image even alone: a client error
@@ -529,14 +543,16 @@ async def run_predict(
 ) -> dict[str, Any]:
     model = services.manager.require_version(name, version)
     signature_name = body.signature_name or DEFAULT_SIGNATURE
-    specs = {
-        key: tfserving.spec_from_tensor_spec(spec) for key, spec in model.input_specs(signature_name).items()
-    }
-    parsed = tfserving.parse_predict(body.model_dump(), specs, max_instances=services.settings.max_instances)
+    specs = model.request_specs(signature_name)
+    parsed = tfserving.parse_predict(
+        {"instances": body.instances, "inputs": body.inputs},
+        specs,
+        max_instances=services.settings.max_instances,
+    )
 
     def check(data: bytes, where: str) -> None:
-        try:
-            validate_image(data, max_pixels=services.settings.max_image_pixels)
+        try:  # the model decodes the image; a batch it refuses is screened with a full decode
+            check_image_header(data, max_pixels=services.settings.max_image_pixels)
         except ServingError as error:
             raise type(error)(f"{where}: {error}") from error
 

@@ -3,8 +3,9 @@
 Each :meth:`DynamicBatcher.submit` puts one item on an asyncio queue and awaits its own result. A worker
 takes the first waiting item, collects more until ``max_batch_size`` items or ``max_wait_s`` after the first
 one (it does not wait when no other request is in progress that could join), and runs the batch function
-in a thread so the event loop keeps serving. If a batched call raises, the items are retried one by one,
-so only the item that is really bad fails.
+in a thread so the event loop keeps serving. If a batched call raises, an optional ``screen`` finds the
+items that are bad on their own (they fail with its error) and the rest run again as one batch; what still
+fails is retried one by one, so only the item that is really bad fails.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Generic, TypeVar
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 BatchFunction = Callable[[Sequence[Item]], Sequence[Result]]
+Screen = Callable[[Item], BaseException | None]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,10 @@ class DynamicBatcher(Generic[Item, Result]):
         workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
         requests_in_flight: Callable[[], int] | None = None,
+        screen: Screen[Item] | None = None,
     ) -> None:
         self._predict = predict
+        self._screen = screen
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._workers = workers
@@ -171,24 +175,53 @@ class DynamicBatcher(Generic[Item, Result]):
                     _settle_error(pending, error)
 
     async def _run(self, batch: list[_Pending[Item, Result]]) -> None:
-        items = [pending.item for pending in batch]
         try:
-            results = await asyncio.to_thread(self._call, items)
-        except Exception as error:  # noqa: BLE001 -- any model failure: retry the items one at a time
-            if len(batch) == 1:
-                _settle_error(batch[0], error)
-                return
-            logger.warning("batch of %d failed (%s); retrying items one by one", len(batch), error)
-            for pending in batch:
-                try:
-                    (result,) = await asyncio.to_thread(self._call, [pending.item])
-                except Exception as single_error:  # noqa: BLE001 -- reported to that caller only
-                    _settle_error(pending, single_error)
-                else:
-                    _settle(pending, result)
+            results = await asyncio.to_thread(self._call, [pending.item for pending in batch])
+        except Exception as error:  # noqa: BLE001 -- any model failure: find the items that caused it
+            await self._recover(batch, error)
             return
         for pending, result in zip(batch, results, strict=True):
             _settle(pending, result)
+
+    async def _recover(self, batch: list[_Pending[Item, Result]], error: Exception) -> None:
+        """After ``batch`` failed with ``error``: fail what the screen refuses, run the rest as one batch
+        again, and only if that fails too (or nothing was refused), item by item."""
+        if self._screen is not None:
+            verdicts = await asyncio.to_thread(lambda: [self._verdict(pending.item) for pending in batch])
+            for pending, problem in zip(batch, verdicts, strict=True):
+                if problem is not None:
+                    _settle_error(pending, problem)
+            remaining = [pending for pending, problem in zip(batch, verdicts, strict=True) if problem is None]
+            if len(remaining) < len(batch) and remaining:
+                try:
+                    results = await asyncio.to_thread(self._call, [pending.item for pending in remaining])
+                except Exception as again:  # noqa: BLE001 -- bad in a way the screen cannot see
+                    error = again
+                else:
+                    for pending, result in zip(remaining, results, strict=True):
+                        _settle(pending, result)
+                    return
+            batch = remaining
+        if len(batch) == 1:
+            _settle_error(batch[0], error)
+            return
+        if batch:
+            logger.warning("batch of %d failed (%s); retrying items one by one", len(batch), error)
+        for pending in batch:
+            try:
+                (result,) = await asyncio.to_thread(self._call, [pending.item])
+            except Exception as single_error:  # noqa: BLE001 -- reported to that caller only
+                _settle_error(pending, single_error)
+            else:
+                _settle(pending, result)
+
+    def _verdict(self, item: Item) -> BaseException | None:
+        assert self._screen is not None
+        try:
+            return self._screen(item)
+        except Exception:  # a screen that breaks cannot tell: the item-by-item retry decides
+            logger.exception("the batch screen failed")
+            return None
 
     def _call(self, items: list[Item]) -> Sequence[Result]:
         results = self._predict(items)

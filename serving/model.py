@@ -27,6 +27,7 @@ import numpy as np
 import storage
 from serving.errors import InvalidInput, ModelNotReady, NotFound
 from serving.settings import ServingSettings
+from serving.tfserving import InputSpec, spec_from_tensor_spec
 from storage import versions
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class ServedModel:
         self._signatures: dict[str, Any] = {}
         self._loaded: Any = None
         self._signature_def: dict[str, Any] = {}
+        self._request_specs: dict[str, dict[str, InputSpec]] = {}
 
     def load(self) -> None:
         """Load the SavedModel and its metadata; raises on anything missing or malformed."""
@@ -102,6 +104,15 @@ class ServedModel:
     def input_specs(self, name: str | None) -> dict[str, Any]:
         _, kwargs = self.signature(name).structured_input_signature
         return dict(kwargs)
+
+    def request_specs(self, name: str | None) -> dict[str, InputSpec]:
+        """What a TF Serving request must give each input of signature ``name`` (computed once)."""
+        chosen = name or DEFAULT_SIGNATURE
+        specs = self._request_specs.get(chosen)
+        if specs is None:
+            specs = {key: spec_from_tensor_spec(spec) for key, spec in self.input_specs(chosen).items()}
+            self._request_specs[chosen] = specs
+        return specs
 
     def output_specs(self, name: str | None) -> dict[str, Any]:
         return dict(self.signature(name).structured_outputs)

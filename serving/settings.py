@@ -52,6 +52,13 @@ class ServingSettings(BaseSettings):
     max_batch_wait_ms: float = Field(
         default=5.0, ge=0, description="Longest a request waits for others to join its batch."
     )
+    batch_workers: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Batches the model may run at once: with 2, the next batch runs while the last one's "
+        "answers go out, which keeps a multi-core CPU busy (see BENCHMARKS.md).",
+    )
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Request body limit (413).")
     max_image_pixels: int = Field(
         default=25_000_000, ge=1, description="Largest width*height accepted (decompression bombs)."

@@ -250,6 +250,25 @@ def test_one_bad_image_in_a_batch_fails_alone(model_base: str, tmp_path: Path) -
         assert batches < 13 + 3  # coalesced: fewer model calls than requests plus retries
 
 
+def test_truncated_image_in_a_batch_is_found_by_the_screen(model_base: str, tmp_path: Path) -> None:
+    # The hot path checks only the header; the model refuses the truncated JPEG, Pillow's full decode finds
+    # it, and its batch mates run again together instead of one model call each.
+    truncated = image_bytes(99, fmt="JPEG")[:-200]
+    good = [image_bytes(i) for i in range(6)]
+    with client(settings_for(model_base, tmp_path, max_batch_wait_ms=200, batch_workers=1)) as api:
+
+        def post(data: bytes) -> httpx.Response:
+            return api.post(f"/v1/models/{NAME}:predict", json={"instances": [b64(data)]})
+
+        with ThreadPool(7) as pool:
+            responses = pool.map(post, [*good[:3], truncated, *good[3:]])
+        assert [r.status_code for r in responses] == [200, 200, 200, 400, 200, 200, 200]
+        error = responses[3].json()["error"]
+        assert error.startswith("image_bytes[0]: ") and "truncated" in error
+        batches = float(api.get("/metrics").text.split("tfloop_batch_size_count ")[1].split()[0])
+        assert batches <= 5  # warmup-free count: the failed batch and its rerun, not 7 single calls
+
+
 class ThreadPool:
     def __init__(self, workers: int) -> None:
         from concurrent.futures import ThreadPoolExecutor

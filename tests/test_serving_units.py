@@ -19,7 +19,7 @@ from PIL import Image
 from serving.batching import DynamicBatcher
 from serving.errors import InvalidInput, PayloadTooLarge
 from serving.events import FEEDBACK_EVENT, PrefectEventSender, feedback_event
-from serving.images import validate_image
+from serving.images import check_image_header, validate_image
 from serving.settings import ServingSettings
 from serving.tfserving import InputSpec, format_outputs, parse_predict, to_array
 from tests.conftest import free_port
@@ -83,6 +83,22 @@ def test_validate_refuses_pixel_bomb_before_decoding() -> None:
     with pytest.raises(PayloadTooLarge, match="over the limit"):
         validate_image(bomb, max_pixels=1_000_000)
     assert time.perf_counter() - started < 0.5
+
+
+def test_header_check_refuses_bombs_and_non_images_but_leaves_decoding_to_the_model() -> None:
+    bomb = encoded("PNG", size=(5000, 5000), mode="1")
+    with pytest.raises(PayloadTooLarge, match="over the limit"):
+        check_image_header(bomb, max_pixels=1_000_000)
+    with pytest.raises(InvalidInput, match="not a supported image"):
+        check_image_header(b"plain text", max_pixels=10_000)
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        noise, "JPEG"
+    )
+    truncated = noise.getvalue()[: len(noise.getvalue()) // 2]
+    assert check_image_header(truncated, max_pixels=10_000).width == 64
+    with pytest.raises(InvalidInput, match="truncated"):
+        validate_image(truncated, max_pixels=10_000)
 
 
 def test_validate_trusts_content_not_names() -> None:
@@ -154,6 +170,84 @@ def test_failed_batch_is_retried_item_by_item() -> None:
     assert results[0] == "A" and results[2] == "C"
     assert isinstance(results[1], ValueError)
     assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+
+
+def test_screen_fails_the_bad_items_and_reruns_the_rest_as_one_batch() -> None:
+    sizes: list[int] = []
+
+    def predict(items):
+        sizes.append(len(items))
+        if any(item.startswith("bad") for item in items):
+            raise ValueError("model cannot decode")
+        return [item.upper() for item in items]
+
+    def screen(item: str) -> Exception | None:
+        return InvalidInput(f"{item} is corrupt") if item.startswith("bad") else None
+
+    async def scenario() -> list[object]:
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.05, screen=screen)
+        await batcher.start()
+        try:
+            items = ["a", "bad1", "c", "bad2", "e"]
+            return await asyncio.gather(*(batcher.submit(i) for i in items), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert [results[0], results[2], results[4]] == ["A", "C", "E"]
+    assert isinstance(results[1], InvalidInput) and "bad1 is corrupt" in str(results[1])
+    assert isinstance(results[3], InvalidInput) and "bad2" in str(results[3])
+    assert sizes == [5, 3]  # one failed call, one rerun of the three good items: no item-by-item retries
+
+
+def test_screen_that_sees_nothing_wrong_falls_back_to_item_by_item() -> None:
+    sizes: list[int] = []
+
+    def predict(items):
+        sizes.append(len(items))
+        if "odd" in items:
+            raise ValueError("only the model minds this one")
+        return list(items)
+
+    async def scenario() -> list[object]:
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.05, screen=lambda _item: None)
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in ["a", "odd", "c"]), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert results[0] == "a" and results[2] == "c" and isinstance(results[1], ValueError)
+    assert sizes == [3, 1, 1, 1]
+
+
+def test_two_workers_run_two_batches_at_once() -> None:
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def predict(items):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return list(items)
+
+    async def scenario(workers: int) -> list[int]:
+        batcher = DynamicBatcher(predict, max_batch_size=4, max_wait_s=0.01, workers=workers)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(16)))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario(1)) == list(range(16)) and most == 1
+    assert asyncio.run(scenario(2)) == list(range(16)) and most == 2
 
 
 def test_event_loop_stays_responsive_during_a_slow_batch() -> None:

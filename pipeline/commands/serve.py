@@ -30,6 +30,10 @@ def _serve(
     max_batch_wait_ms: Annotated[
         float | None, typer.Option("--max-batch-wait-ms", help="Longest wait for a batch to fill.")
     ] = None,
+    batch_workers: Annotated[
+        int | None,
+        typer.Option("--batch-workers", help="Batches the model may run at once (default 2)."),
+    ] = None,
     poll_interval: Annotated[
         float | None, typer.Option("--poll-interval", help="Seconds between looks for a new version.")
     ] = None,
@@ -66,6 +70,7 @@ def _serve(
         "version_policy": version,
         "max_batch_size": max_batch_size,
         "max_batch_wait_ms": max_batch_wait_ms,
+        "batch_workers": batch_workers,
         "poll_interval_s": poll_interval,
         "token": token,
         "allow_new_labels": allow_new_labels,
