@@ -19,6 +19,8 @@ ROOTS = (
     "tensorflow-cpu",
     "fastapi",
     "uvicorn",
+    "uvloop",
+    "httptools",
     "starlette",
     "pydantic",
     "pydantic-settings",
