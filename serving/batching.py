@@ -57,6 +57,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_batch_size = 0
+        self._in_hand: list[list[_Pending[Item, Result]]] = []
 
     @property
     def running(self) -> bool:
@@ -141,16 +142,18 @@ class DynamicBatcher(Generic[Item, Result]):
             return None
 
     def _others_may_join(self, batch_size: int) -> bool:
-        """Whether waiting could fill the batch: other requests are in progress (when the caller counts
-        them), or else the previous batch held more than one item."""
+        """Whether waiting could fill the batch: requests are in progress that no worker holds yet (when
+        the caller counts them; those in another worker's running batch cannot join), or else the previous
+        batch held more than one item."""
         if self._requests_in_flight is not None:
-            return self._requests_in_flight() > batch_size
+            return self._requests_in_flight() > sum(len(held) for held in self._in_hand)
         return batch_size > 1 or self._last_batch_size > 1
 
     async def _work(self) -> None:
         """Collect and run batches until stopped; no error (nor stray cancellation) ends the loop."""
         while True:
             batch: list[_Pending[Item, Result]] = []
+            self._in_hand.append(batch)
             try:
                 ready = await self._collect(batch)
                 if not ready:
@@ -173,6 +176,8 @@ class DynamicBatcher(Generic[Item, Result]):
                 logger.exception("batch worker failed; its items fail, the worker goes on")
                 for pending in batch:
                     _settle_error(pending, error)
+            finally:
+                self._in_hand.remove(batch)
 
     async def _run(self, batch: list[_Pending[Item, Result]]) -> None:
         try:

@@ -250,6 +250,32 @@ def test_two_workers_run_two_batches_at_once() -> None:
     assert asyncio.run(scenario(2)) == list(range(16)) and most == 2
 
 
+def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> None:
+    # Two requests in flight: the first is in a running batch, so the second cannot expect company and must
+    # not sit out the (long) max wait.
+    def predict(items):
+        time.sleep(0.2)
+        return list(items)
+
+    async def scenario() -> float:
+        batcher = DynamicBatcher(
+            predict, max_batch_size=8, max_wait_s=1.0, workers=2, requests_in_flight=lambda: 2
+        )
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.submit(1))
+            await asyncio.sleep(0.05)
+            started = time.perf_counter()
+            await batcher.submit(2)
+            waited = time.perf_counter() - started
+            await first
+            return waited
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) < 0.2 + 0.5
+
+
 def test_event_loop_stays_responsive_during_a_slow_batch() -> None:
     async def scenario() -> float:
         batcher = DynamicBatcher(lambda items: time.sleep(0.3) or list(items), max_batch_size=4, max_wait_s=0)
