@@ -2,7 +2,7 @@
 beside the same SavedModel called in-process at its best batch size (the ceiling on this machine) and
 beside a naive server that runs one model call per request. Writes its section of BENCHMARKS.md.
 
-Usage: ``python benchmarks/serving.py [--requests 300] [--rounds 3] [--model-base DIR --model-name NAME]``.
+Usage: ``python benchmarks/serving.py [--requests 600] [--rounds 3] [--model-base DIR --model-name NAME]``.
 Without a model base it uses the demo model (``$TFLOOP_HOME/models/tfloop-classifier``, from ``make demo``)
 when one exists, else it exports the demo model's architecture (EfficientNetB0 at 48 px, the six demo
 labels, untrained: the time of a call does not depend on the weights) into a temporary folder.
@@ -336,7 +336,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-base")
     parser.add_argument("--model-name", default="tfloop-classifier")
-    parser.add_argument("--requests", type=int, default=300, help="Requests per concurrency level.")
+    parser.add_argument("--requests", type=int, default=600, help="Requests per concurrency level.")
     parser.add_argument("--rounds", type=int, default=3, help="Alternating ceiling/server rounds at c=32.")
     parser.add_argument(
         "--naive-server", nargs=3, metavar=("PORT", "VERSION_DIR", "NAME"), help=argparse.SUPPRESS
