@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -109,6 +111,15 @@ def test_validate_trusts_content_not_names() -> None:
 # --- batching -------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def running_batcher(batcher: DynamicBatcher) -> AsyncIterator[DynamicBatcher]:
+    await batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop()
+
+
 def test_batcher_coalesces_concurrent_requests() -> None:
     calls: list[list[int]] = []
 
@@ -119,11 +130,8 @@ def test_batcher_coalesces_concurrent_requests() -> None:
 
     async def scenario() -> list[int]:
         batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.02)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             return await asyncio.gather(*(batcher.submit(i) for i in range(20)))
-        finally:
-            await batcher.stop()
 
     results = asyncio.run(scenario())
     assert results == [i * 10 for i in range(20)]
@@ -135,14 +143,11 @@ def test_batcher_coalesces_concurrent_requests() -> None:
 def test_single_request_waits_at_most_max_wait() -> None:
     async def scenario() -> float:
         batcher = DynamicBatcher(lambda items: list(items), max_batch_size=32, max_wait_s=0.05)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             await batcher.submit(0)  # warm the thread pool
             started = time.perf_counter()
             await batcher.submit(1)
             return time.perf_counter() - started
-        finally:
-            await batcher.stop()
 
     assert asyncio.run(scenario()) < 0.05 + 0.04
 
@@ -158,13 +163,10 @@ def test_failed_batch_is_retried_item_by_item() -> None:
 
     async def scenario() -> list[object]:
         batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.05)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             return await asyncio.gather(
                 *(batcher.submit(i) for i in ["a", "bad", "c"]), return_exceptions=True
             )
-        finally:
-            await batcher.stop()
 
     results = asyncio.run(scenario())
     assert results[0] == "A" and results[2] == "C"
@@ -186,12 +188,9 @@ def test_screen_fails_the_bad_items_and_reruns_the_rest_as_one_batch() -> None:
 
     async def scenario() -> list[object]:
         batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.05, screen=screen)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             items = ["a", "bad1", "c", "bad2", "e"]
             return await asyncio.gather(*(batcher.submit(i) for i in items), return_exceptions=True)
-        finally:
-            await batcher.stop()
 
     results = asyncio.run(scenario())
     assert [results[0], results[2], results[4]] == ["A", "C", "E"]
@@ -211,13 +210,10 @@ def test_screen_that_sees_nothing_wrong_falls_back_to_item_by_item() -> None:
 
     async def scenario() -> list[object]:
         batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.05, screen=lambda _item: None)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             return await asyncio.gather(
                 *(batcher.submit(i) for i in ["a", "odd", "c"]), return_exceptions=True
             )
-        finally:
-            await batcher.stop()
 
     results = asyncio.run(scenario())
     assert results[0] == "a" and results[2] == "c" and isinstance(results[1], ValueError)
@@ -240,11 +236,8 @@ def test_two_workers_run_two_batches_at_once() -> None:
 
     async def scenario(workers: int) -> list[int]:
         batcher = DynamicBatcher(predict, max_batch_size=4, max_wait_s=0.01, workers=workers)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             return await asyncio.gather(*(batcher.submit(i) for i in range(16)))
-        finally:
-            await batcher.stop()
 
     assert asyncio.run(scenario(1)) == list(range(16)) and most == 1
     assert asyncio.run(scenario(2)) == list(range(16)) and most == 2
@@ -261,8 +254,7 @@ def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> 
         batcher = DynamicBatcher(
             predict, max_batch_size=8, max_wait_s=1.0, workers=2, requests_in_flight=lambda: 2
         )
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             first = asyncio.create_task(batcher.submit(1))
             await asyncio.sleep(0.05)
             started = time.perf_counter()
@@ -270,8 +262,6 @@ def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> 
             waited = time.perf_counter() - started
             await first
             return waited
-        finally:
-            await batcher.stop()
 
     assert asyncio.run(scenario()) < 0.2 + 0.5
 
@@ -279,8 +269,7 @@ def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> 
 def test_event_loop_stays_responsive_during_a_slow_batch() -> None:
     async def scenario() -> float:
         batcher = DynamicBatcher(lambda items: time.sleep(0.3) or list(items), max_batch_size=4, max_wait_s=0)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             task = asyncio.create_task(batcher.submit(1))
             await asyncio.sleep(0.05)
             started = time.perf_counter()
@@ -288,8 +277,6 @@ def test_event_loop_stays_responsive_during_a_slow_batch() -> None:
             lag = time.perf_counter() - started
             await task
             return lag
-        finally:
-            await batcher.stop()
 
     assert asyncio.run(scenario()) < 0.1
 
@@ -408,15 +395,12 @@ def test_event_sender_posts_to_prefect_events_endpoint_and_survives_outage() -> 
 def test_sequential_traffic_is_not_delayed_by_the_batch_wait() -> None:
     async def scenario() -> float:
         batcher = DynamicBatcher(lambda items: list(items), max_batch_size=32, max_wait_s=0.5)
-        await batcher.start()
-        try:
+        async with running_batcher(batcher):
             await batcher.submit(0)
             started = time.perf_counter()
             for i in range(5):
                 await batcher.submit(i)
             return time.perf_counter() - started
-        finally:
-            await batcher.stop()
 
     assert asyncio.run(scenario()) < 0.25
 
