@@ -3,9 +3,10 @@ beside the same SavedModel called in-process at its best batch size (the ceiling
 beside a naive server that runs one model call per request. Writes its section of BENCHMARKS.md.
 
 Usage: ``python benchmarks/serving.py [--requests 600] [--rounds 3] [--model-base DIR --model-name NAME]``.
-Without a model base it uses the demo model (``$TFLOOP_HOME/models/tfloop-classifier``, from ``make demo``)
-when one exists, else it exports the demo model's architecture (EfficientNetB0 at 48 px, the six demo
-labels, untrained: the time of a call does not depend on the weights) into a temporary folder.
+Without a model base it uses the demo model when one exists (``make demo`` leaves it in
+``$TFLOOP_HOME/demo-run/models``; ``$TFLOOP_HOME/models`` is also tried), else it exports the demo
+model's architecture (EfficientNetB0 at 48 px, the six demo labels, untrained: the time of a call does not
+depend on the weights) into a temporary folder.
 
 The machine is shared and noisy, so the two targets are measured as ratios within one time window: the
 concurrency-1 target alternates one in-process call and one HTTP request, and the concurrency-32 target
@@ -72,9 +73,9 @@ def find_or_export_model(args: argparse.Namespace, scratch: Path) -> tuple[str, 
     if args.model_base:
         return args.model_base, args.model_name, f"{args.model_name} from {args.model_base}"
     home = Path(os.environ.get("TFLOOP_HOME", ".tfloop"))
-    demo_base = str(home / "models")
-    if versions.latest_version(demo_base, "tfloop-classifier") is not None:
-        return demo_base, "tfloop-classifier", "the demo model (tfloop-classifier)"
+    for demo_base in (str(home / "demo-run" / "models"), str(home / "models")):  # `make demo`, `tfloop train`
+        if Path(demo_base).is_dir() and versions.latest_version(demo_base, "tfloop-classifier") is not None:
+            return demo_base, "tfloop-classifier", f"the demo model (tfloop-classifier from {demo_base})"
     from export.publish import publish_version
     from export.savedmodel import export_saved_model
     from training.demo_data import DEMO_CLASSES
