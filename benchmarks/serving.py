@@ -419,7 +419,8 @@ def main() -> None:
         f"| round | ceiling, 1 call (img/s) | ceiling, {workers} calls (img/s) | server c=32 (req/s) "
         f"| ratio, 1 call | ratio, {workers} calls |"
     )
-    command = " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
+    home = f"TFLOOP_HOME={os.environ['TFLOOP_HOME']} " if os.environ.get("TFLOOP_HOME") else ""
+    command = home + " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
     load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = f"""## Serving (`benchmarks/serving.py`)
 
