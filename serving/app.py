@@ -102,7 +102,7 @@ def build_services(settings: ServingSettings) -> Services:
         on_batch=metrics.batch_size.observe,
         requests_in_flight=lambda: in_flight.count,
         screen=screen,
-        workers=int(__import__("os").environ.get("W", "1")),  # HACK
+        workers=settings.batch_workers,
     )
     events = None
     if settings.prefect_api_url:

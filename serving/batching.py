@@ -51,7 +51,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._screen = screen
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self._workers = workers
+        self.workers = workers
         self._on_batch = on_batch
         self._requests_in_flight = requests_in_flight
         self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
@@ -68,7 +68,7 @@ class DynamicBatcher(Generic[Item, Result]):
         if self._tasks:
             return
         self._queue = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(self._workers)]
+        self._tasks = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
         """Cancel the workers; items still waiting fail with CancelledError."""

@@ -49,6 +49,15 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServingSettings(version_policy="latest").pinned_version is None
 
 
+def test_batching_settings_reach_the_batcher(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from serving.app import build_services
+
+    monkeypatch.setenv("TFLOOP_SERVE_BATCH_WORKERS", "3")
+    batcher = build_services(ServingSettings(feedback_uri=str(tmp_path), max_batch_size=7)).batcher
+    assert (batcher.workers, batcher.max_batch_size) == (3, 7)
+    assert ServingSettings().batch_workers == 3 and ServingSettings.model_fields["batch_workers"].default == 2
+
+
 def test_settings_refuse_bad_policy() -> None:
     with pytest.raises(ValueError):
         ServingSettings(version_policy="newest")
