@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/serving.py
 

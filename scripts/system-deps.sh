@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the system tools that tfloop's end-to-end tests use, when they are missing and apt is usable:
 # buildah + podman + debootstrap (image builds without a Docker engine), docker-registry (a local OCI
-# registry), chromium (the upload page test). Never fails the build: a test that still lacks a tool
-# skips with a loud reason.
+# registry), chromium (the upload page test), wrk (the serving benchmark's load generator). Never fails
+# the build: a test that still lacks a tool skips with a loud reason.
 set -u
 want=()
 command -v buildah >/dev/null || want+=(buildah)
@@ -10,6 +10,7 @@ command -v podman >/dev/null || want+=(podman)
 command -v debootstrap >/dev/null || want+=(debootstrap)
 command -v docker-registry >/dev/null || want+=(docker-registry)
 command -v chromium >/dev/null || want+=(chromium)
+command -v wrk >/dev/null || want+=(wrk)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: missing ${want[*]} and cannot apt-get install them here (need root and apt);" \

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any
@@ -26,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import tfserving
@@ -283,6 +286,65 @@ class MetricsMiddleware:
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
 
 
+PREDICT_PATH = re.compile(r"/v1/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?:predict")
+
+
+class PredictLane:
+    """Answers TF Serving's ``:predict`` routes straight from ASGI, ahead of FastAPI's router.
+
+    They are the hot path: for a one-image request, FastAPI's routing, dependency resolution and body model
+    cost more server CPU than everything else the request needs (BENCHMARKS.md, serving). The same routes
+    stay declared on the app, for /docs and the OpenAPI schema; the lane answers them exactly as they would.
+    """
+
+    def __init__(self, app: ASGIApp, *, services: Services, routes: Mapping[bool, BaseRoute]) -> None:
+        self.app = app
+        self.services = services
+        self.routes = routes  # by "names a version": for the metrics' route label
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = PREDICT_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        version = match["version"]
+        scope["route"] = self.routes[version is not None]
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            body = parse_predict_body(b"".join(chunks))
+            content = await run_predict(self.services, match["name"], int(version) if version else None, body)
+            response = JSONResponse(content)
+        except ServingError as error:
+            response = _error(error.status_code, str(error))
+        except Exception:  # the server must answer, never die; logged
+            logger.exception("unexpected error in :predict")
+            response = _error(500, "internal error; the server logged the details")
+        await response(scope, receive, send)
+
+
+def parse_predict_body(raw: bytes) -> dict[str, Any]:
+    """A ``:predict`` body as a dict of the fields :class:`PredictRequest` declares, or InvalidInput."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"the body is not valid JSON ({error})") from error
+    if not isinstance(body, dict):
+        raise InvalidInput('the body must be a JSON object with "instances" (row) or "inputs" (columnar)')
+    signature_name, instances = body.get("signature_name"), body.get("instances")
+    if signature_name is not None and not isinstance(signature_name, str):
+        raise InvalidInput('"signature_name" must be a string')
+    if instances is not None and not isinstance(instances, list):
+        raise InvalidInput('"instances" must be a list (one value per instance)')
+    return {"signature_name": signature_name, "instances": instances, "inputs": body.get("inputs")}
+
+
 # --- app -------------------------------------------------------------------------------------------
 
 
@@ -359,18 +421,26 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app.state.services = services
     _install_error_handlers(app)
     _add_routes(app)
+    routes = {getattr(route, "path", ""): route for route in app.routes}
+    app.add_middleware(
+        PredictLane,
+        services=services,
+        routes={
+            False: routes["/v1/models/{name}:predict"],
+            True: routes["/v1/models/{name}/versions/{version}:predict"],
+        },
+    )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics, in_flight=services.in_flight)
     return app
 
 
 def _add_routes(app: FastAPI) -> None:
-    # The hot path comes first (routes match in order). The answers are plain JSON types already: a
-    # JSONResponse skips FastAPI's re-encoding of every value.
+    # PredictLane answers the two predict routes before the router sees them; they are declared for /docs.
     @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"], response_model=dict[str, Any])
     async def predict(name: str, body: PredictRequest, services: ServicesDep) -> JSONResponse:
         """TF Serving predict (row ``instances`` or columnar ``inputs``; binary as ``{"b64": ...}``)."""
-        return JSONResponse(await run_predict(services, name, None, body))
+        return JSONResponse(await run_predict(services, name, None, body.model_dump()))
 
     @app.post(
         "/v1/models/{name}/versions/{version}:predict",
@@ -381,7 +451,7 @@ def _add_routes(app: FastAPI) -> None:
         name: str, version: int, body: PredictRequest, services: ServicesDep
     ) -> JSONResponse:
         """TF Serving predict on one version."""
-        return JSONResponse(await run_predict(services, name, version, body))
+        return JSONResponse(await run_predict(services, name, version, body.model_dump()))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -539,16 +609,13 @@ async def predict_image(services: Services, data: bytes, *, where: str) -> Predi
 
 
 async def run_predict(
-    services: Services, name: str, version: int | None, body: PredictRequest
+    services: Services, name: str, version: int | None, body: Mapping[str, Any]
 ) -> dict[str, Any]:
+    """The answer to a ``:predict`` body (the fields of :class:`PredictRequest`); ServingError otherwise."""
     model = services.manager.require_version(name, version)
-    signature_name = body.signature_name or DEFAULT_SIGNATURE
+    signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
     specs = model.request_specs(signature_name)
-    parsed = tfserving.parse_predict(
-        {"instances": body.instances, "inputs": body.inputs},
-        specs,
-        max_instances=services.settings.max_instances,
-    )
+    parsed = tfserving.parse_predict(body, specs, max_instances=services.settings.max_instances)
 
     def check(data: bytes, where: str) -> None:
         try:  # the model decodes the image; a batch it refuses is screened with a full decode
@@ -565,14 +632,18 @@ async def run_predict(
             images = await asyncio.to_thread(
                 tfserving.decode_strings, values, name=input_name, validate=check
             )
-        predictions = await asyncio.gather(
-            *(predict_image(services, image, where=f"{input_name}[{i}]") for i, image in enumerate(images))
-        )
+        if len(images) == 1:
+            predictions = [await predict_image(services, images[0], where=f"{input_name}[0]")]
+        else:
+            predictions = await asyncio.gather(
+                *(
+                    predict_image(services, image, where=f"{input_name}[{i}]")
+                    for i, image in enumerate(images)
+                )
+            )
         if version is None and len({p.model_version for p in predictions}) > 1:
             logger.info("a request spanned a version swap; answers come from both versions")
-        return tfserving.format_outputs(
-            tfserving.stack_outputs([p.outputs() for p in predictions]), parsed.format
-        )
+        return tfserving.format_rows([p.outputs() for p in predictions], parsed.format)
 
     arrays: dict[str, Any] = {}
     for input_name, spec in specs.items():

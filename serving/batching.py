@@ -58,6 +58,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._tasks: list[asyncio.Task[None]] = []
         self._last_batch_size = 0
         self._in_hand: list[list[_Pending[Item, Result]]] = []
+        self._collecting: asyncio.Lock | None = None
 
     @property
     def running(self) -> bool:
@@ -68,6 +69,7 @@ class DynamicBatcher(Generic[Item, Result]):
         if self._tasks:
             return
         self._queue = asyncio.Queue()
+        self._collecting = asyncio.Lock()  # one batch forms at a time; up to ``workers`` run at once
         self._tasks = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
@@ -142,12 +144,15 @@ class DynamicBatcher(Generic[Item, Result]):
             return None
 
     def _others_may_join(self, batch_size: int) -> bool:
-        """Whether waiting could fill the batch: requests are in progress that no worker holds yet (when
-        the caller counts them; those in another worker's running batch cannot join), or else the previous
-        batch held more than one item."""
+        """Whether waiting could fill the batch: it is smaller than the previous one (under steady load the
+        clients just answered send their next requests, so the previous size is the best guess of who comes),
+        or requests are in progress that no worker holds yet (when the caller counts them; those in another
+        worker's running batch cannot join)."""
+        if batch_size < self._last_batch_size:
+            return True
         if self._requests_in_flight is not None:
             return self._requests_in_flight() > sum(len(held) for held in self._in_hand)
-        return batch_size > 1 or self._last_batch_size > 1
+        return False
 
     async def _work(self) -> None:
         """Collect and run batches until stopped; no error (nor stray cancellation) ends the loop."""
@@ -155,7 +160,9 @@ class DynamicBatcher(Generic[Item, Result]):
             batch: list[_Pending[Item, Result]] = []
             self._in_hand.append(batch)
             try:
-                ready = await self._collect(batch)
+                assert self._collecting is not None
+                async with self._collecting:
+                    ready = await self._collect(batch)
                 if not ready:
                     continue
                 if self._on_batch is not None:

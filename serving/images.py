@@ -69,16 +69,15 @@ def _inspect(data: bytes, *, max_pixels: int, decode: bool) -> ImageInfo:
     image_format = sniff_format(data)
     if image_format is None:
         raise InvalidInput(f"the upload is not a supported image (its content is not {SUPPORTED})")
+    if not decode:
+        size = _header_size(data, image_format)
+        if size is not None:
+            _check_size(image_format, *size, max_pixels=max_pixels)
+            return ImageInfo(image_format, EXTENSIONS[image_format], *size)
     try:
         with Image.open(io.BytesIO(data), formats=[image_format.upper()]) as image:
+            _check_size(image_format, *image.size, max_pixels=max_pixels)
             width, height = image.size
-            if width < 1 or height < 1:
-                raise InvalidInput(f"the {image_format} image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"the image is {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{max_pixels}; send a smaller image"
-                )
             if decode:
                 image.load()
     except (InvalidInput, PayloadTooLarge):
@@ -90,3 +89,51 @@ def _inspect(data: bytes, *, max_pixels: int, decode: bool) -> ImageInfo:
             f"the {image_format} image cannot be decoded ({error}); it may be truncated or corrupt"
         ) from error
     return ImageInfo(image_format, EXTENSIONS[image_format], width, height)
+
+
+def _check_size(image_format: str, width: int, height: int, *, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise InvalidInput(f"the {image_format} image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels}; send a smaller image"
+        )
+
+
+_JPEG_FRAME_MARKERS = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+)
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def _header_size(data: bytes, image_format: str) -> tuple[int, int] | None:
+    """(width, height) read straight from a PNG or JPEG header, or None to let Pillow find out.
+
+    Pillow's JPEG parser reads every table in Python; the prediction hot path only needs the frame size.
+    """
+    if image_format == "png":
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return None
+    if image_format != "jpeg":
+        return None
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        if marker in _JPEG_FRAME_MARKERS:
+            if position + 9 > len(data):
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            return (width, height) if width and height else None  # height 0: given later (DNL)
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None

@@ -63,6 +63,7 @@ class ServedModel:
         self._loaded: Any = None
         self._signature_def: dict[str, Any] = {}
         self._request_specs: dict[str, dict[str, InputSpec]] = {}
+        self._image_input = ""
 
     def load(self) -> None:
         """Load the SavedModel and its metadata; raises on anything missing or malformed."""
@@ -81,6 +82,7 @@ class ServedModel:
         if DEFAULT_SIGNATURE not in self._signatures:
             raise ValueError(f"{self.path} has no {DEFAULT_SIGNATURE!r} signature")
         self._signature_def = self._read_signature_def()
+        self._image_input = self.image_input_name()
         self.ready = True
 
     @property
@@ -158,14 +160,17 @@ class ServedModel:
 
     def predict_bytes(self, images: Sequence[bytes]) -> list[Prediction]:
         """Classify encoded images in one model call."""
-        batch = np.array(list(images), dtype=object)
-        outputs = self.run(DEFAULT_SIGNATURE, {self.image_input_name(): batch})
-        classes, scores, probabilities = outputs["classes"], outputs["scores"], outputs["probabilities"]
+        import tensorflow as tf
+
+        outputs = self._signatures[DEFAULT_SIGNATURE](**{self._image_input: tf.constant(list(images))})
+        classes = outputs["classes"].numpy().tolist()
+        scores = outputs["scores"].numpy().tolist()
+        probabilities = outputs["probabilities"].numpy().tolist()
         return [
             Prediction(
-                classes=[str(c) for c in classes[i]],
-                scores=[float(s) for s in scores[i]],
-                probabilities=[float(p) for p in probabilities[i]],
+                classes=[label.decode("utf-8", "replace") for label in classes[i]],
+                scores=scores[i],
+                probabilities=probabilities[i],
                 model_version=self.version,
             )
             for i in range(len(images))

@@ -50,7 +50,10 @@ class ServingSettings(BaseSettings):
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="Most images in one model call.")
     max_batch_wait_ms: float = Field(
-        default=5.0, ge=0, description="Longest a request waits for others to join its batch."
+        default=10.0,
+        ge=0,
+        description="Longest a request waits for others to join its batch (only while the batch is smaller "
+        "than the last one, or requests are still arriving).",
     )
     batch_workers: int = Field(
         default=2,

@@ -166,6 +166,12 @@ def format_outputs(outputs: Mapping[str, np.ndarray], fmt: Format) -> dict[str, 
     return {"predictions": [{name: _jsonable(outputs[name][i]) for name in names} for i in range(rows)]}
 
 
-def stack_outputs(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Per-instance output dicts stacked into one array per output."""
-    return {name: np.asarray([row[name] for row in rows], dtype=object) for name in rows[0]}
+def format_rows(rows: Sequence[Mapping[str, Any]], fmt: Format) -> dict[str, Any]:
+    """Like :func:`format_outputs`, from one dict of plain JSON values per instance."""
+    names = sorted(rows[0])
+    if fmt == "columnar":
+        columns = {name: [row[name] for row in rows] for name in names}
+        return {"outputs": columns[names[0]] if len(names) == 1 else columns}
+    if len(names) == 1:
+        return {"predictions": [row[names[0]] for row in rows]}
+    return {"predictions": [{name: row[name] for name in names} for row in rows]}
