@@ -1,11 +1,13 @@
 """Dynamic batching: concurrent requests are coalesced into one call of a synchronous batch function.
 
-Each :meth:`DynamicBatcher.submit` puts one item on an asyncio queue and awaits its own result. A worker
-takes the first waiting item, collects more until ``max_batch_size`` items or ``max_wait_s`` after the first
-one (it does not wait when no other request is in progress that could join), and runs the batch function
-in a thread so the event loop keeps serving. If a batched call raises, an optional ``screen`` finds the
-items that are bad on their own (they fail with its error) and the rest run again as one batch; what still
-fails is retried one by one, so only the item that is really bad fails.
+Each :meth:`DynamicBatcher.submit` puts one item on an asyncio queue and awaits its own result. One batch
+forms at a time: a worker takes the first waiting item and collects more until ``max_batch_size`` items or
+``max_wait_s`` after the first one, waiting only while the batch is smaller than the previous one or
+requests are in progress that no worker holds (a lone request never waits). It runs the batch function in
+a thread so the event loop keeps serving, while up to ``workers`` batches run at once. If a batched call
+raises, an optional ``screen`` finds the items that are bad on their own (they fail with its error) and the
+rest run again as one batch; what still fails is retried one by one, so only the item that is really bad
+fails.
 """
 
 from __future__ import annotations

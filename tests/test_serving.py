@@ -208,6 +208,30 @@ def test_tf_serving_predict_row_and_columnar(model_base: str, tmp_path: Path, ex
         assert np.allclose(arrays.json()["outputs"]["probabilities"][0], expected[0], atol=1e-4)
 
 
+def test_predict_lane_answers_like_the_declared_routes(model_base: str, tmp_path: Path) -> None:
+    # The predict routes are answered ahead of FastAPI's router: still documented, still counted per route
+    # template, and the body is read as JSON whatever content type the client sends (as TF Serving does).
+    body = json.dumps({"instances": [b64(image_bytes(3))]})
+    with client(settings_for(model_base, tmp_path)) as api:
+        plain = api.post(f"/v1/models/{NAME}:predict", content=body, headers={"content-type": "text/plain"})
+        assert plain.status_code == 200 and plain.headers["content-type"] == "application/json"
+        assert plain.json()["predictions"][0]["classes"][0] in LABELS
+        pinned = api.post(f"/v1/models/{NAME}/versions/1:predict", content=body)
+        assert pinned.json() == plain.json()
+        assert api.post(f"/v1/models/{NAME}/versions/x:predict", content=body).status_code == 400
+        for bad in (b'{"instances": [1], "signature_name": 7}', b'{"instances": {"b64": "AA=="}}', b"\xff"):
+            refused = api.post(f"/v1/models/{NAME}:predict", content=bad)
+            assert refused.status_code == 400 and list(refused.json()) == ["error"], bad
+        paths = api.get("/openapi.json").json()["paths"]
+        assert (
+            "/v1/models/{name}:predict" in paths and "/v1/models/{name}/versions/{version}:predict" in paths
+        )
+        metrics = api.get("/metrics").text
+        assert 'route="/v1/models/{name}:predict",status="200"' in metrics
+        assert 'route="/v1/models/{name}/versions/{version}:predict",status="200"' in metrics
+        assert 'route="/v1/models/{name}:predict",status="400"} 3.0' in metrics
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [

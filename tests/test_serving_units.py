@@ -112,6 +112,32 @@ def test_header_check_refuses_bombs_and_non_images_but_leaves_decoding_to_the_mo
         validate_image(truncated, max_pixels=10_000)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options"),
+    [
+        ("JPEG", "RGB", {}),
+        ("JPEG", "RGB", {"progressive": True}),
+        ("JPEG", "RGB", {"exif": b"Exif\0\0" + b"x" * 300}),
+        ("JPEG", "L", {}),
+        ("JPEG", "CMYK", {}),
+        ("PNG", "RGB", {}),
+        ("PNG", "1", {}),
+    ],
+)
+def test_header_size_is_read_as_pillow_reads_it(fmt: str, mode: str, options: dict) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (37, 211)).save(buffer, fmt, **options)
+    info = check_image_header(buffer.getvalue(), max_pixels=100_000)
+    assert (info.format, info.width, info.height) == (fmt.lower(), 37, 211)
+    with pytest.raises(PayloadTooLarge, match="37x211"):
+        check_image_header(buffer.getvalue(), max_pixels=37 * 211 - 1)
+
+
+def test_header_check_of_a_jpeg_cut_before_its_frame_asks_pillow() -> None:
+    with pytest.raises(InvalidInput, match="jpeg"):
+        check_image_header(encoded("JPEG")[:12], max_pixels=10_000)
+
+
 def test_validate_trusts_content_not_names() -> None:
     # A JPEG is a JPEG whatever the client calls it; a text file named .png is not an image.
     assert validate_image(encoded("JPEG"), max_pixels=10_000).format == "jpeg"
@@ -273,6 +299,53 @@ def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> 
             return waited
 
     assert asyncio.run(scenario()) < 0.2 + 0.5
+
+
+def test_a_batch_waits_for_as_many_as_the_last_one_held() -> None:
+    # Under load the clients of a finished batch come back one by one, before the server has counted them
+    # as in flight: the next batch waits (within the max wait) until it is as large as the last one.
+    sizes: list[int] = []
+
+    def predict(items):
+        sizes.append(len(items))
+        return list(items)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.5, requests_in_flight=lambda: 1)
+        async with running_batcher(batcher):
+            await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+
+            async def later(i: int) -> int:
+                await asyncio.sleep(0.01 * i)
+                return await batcher.submit(i)
+
+            await asyncio.gather(*(later(i) for i in range(6)))
+
+    asyncio.run(scenario())
+    assert sizes == [6, 6]
+
+
+def test_one_batch_forms_at_a_time_across_workers() -> None:
+    # Two idle workers must not split arriving requests into two half batches.
+    sizes: list[int] = []
+
+    def predict(items):
+        sizes.append(len(items))
+        return list(items)
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.5, workers=2)
+        async with running_batcher(batcher):
+            await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+
+            async def later(i: int) -> int:
+                await asyncio.sleep(0.005 * i)
+                return await batcher.submit(i)
+
+            await asyncio.gather(*(later(i) for i in range(8)))
+
+    asyncio.run(scenario())
+    assert sizes == [8, 8]
 
 
 def test_event_loop_stays_responsive_during_a_slow_batch() -> None:
