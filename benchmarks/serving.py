@@ -2,15 +2,20 @@
 beside the same SavedModel called in-process at its best batch size (the ceiling on this machine) and
 beside a naive server that runs one model call per request. Writes its section of BENCHMARKS.md.
 
-Usage: ``python benchmarks/serving.py [--requests 600] [--rounds 3] [--model-base DIR --model-name NAME]``.
+Usage: ``python benchmarks/serving.py [--seconds 8] [--rounds 7] [--model-base DIR --model-name NAME]``
+(``make bench`` installs wrk first, the load generator it prefers; without it a Python client drives the
+load and takes CPU from the server under test).
 Without a model base it uses the demo model when one exists (``make demo`` leaves it in
 ``$TFLOOP_HOME/demo-run/models``; ``$TFLOOP_HOME/models`` is also tried), else it exports the demo
 model's architecture (EfficientNetB0 at 48 px, the six demo labels, untrained: the time of a call does not
 depend on the weights) into a temporary folder.
 
-The machine is shared and noisy, so the two targets are measured as ratios within one time window: the
-concurrency-1 target alternates one in-process call and one HTTP request, and the concurrency-32 target
-alternates in-process ceiling blocks and server blocks for ``--rounds`` rounds (medians reported).
+At concurrency 32 no more than 32 images are ever in the server, so the ceiling is the in-process model with
+32 images in flight: one call of 32 (the largest batch the server can form) and, stricter, the same 32 as
+concurrent calls of one batch per batch worker. The machine is shared and noisy, so the two targets are
+measured as ratios within one time window: the concurrency-1 target alternates one in-process call and one
+HTTP request, and the concurrency-32 target alternates in-process ceiling blocks and server blocks for
+``--rounds`` rounds (medians reported).
 """
 
 from __future__ import annotations
@@ -410,7 +415,10 @@ def main() -> None:
     parser.add_argument("--model-name", default="tfloop-classifier")
     parser.add_argument("--seconds", type=float, default=8, help="Seconds of load per concurrency level.")
     parser.add_argument("--singles", type=int, default=300, help="Request pairs of the concurrency-1 target.")
-    parser.add_argument("--rounds", type=int, default=3, help="Alternating ceiling/server rounds at c=32.")
+    parser.add_argument("--rounds", type=int, default=7, help="Alternating ceiling/server rounds at c=32.")
+    parser.add_argument(
+        "--round-seconds", type=float, default=4, help="Seconds of each server block (and of both ceilings)."
+    )
     parser.add_argument(
         "--naive-server", nargs=3, metavar=("PORT", "VERSION_DIR", "NAME"), help=argparse.SUPPRESS
     )
@@ -462,12 +470,12 @@ def main() -> None:
 
             def server_block() -> tuple[float, float]:
                 calls, images_before = batch_stats(metrics_url)
-                rps = load(predict_url, bodies, IN_FLIGHT, args.seconds, scratch)["rps"]
+                rps = load(predict_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
                 calls_after, images_after = batch_stats(metrics_url)
                 return rps, (images_after - images_before) / max(1.0, calls_after - calls)
 
             rounds = alternate(
-                lambda: model.ceilings(in_flight=IN_FLIGHT, streams=workers, seconds=args.seconds / 2),
+                lambda: model.ceilings(in_flight=IN_FLIGHT, streams=workers, seconds=args.round_seconds / 2),
                 server_block,
                 args.rounds,
             )
@@ -556,10 +564,11 @@ In-process SavedModel (`serving_default`, images/s by batch size, one call at a 
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
 
-Concurrency {IN_FLIGHT} against the ceiling, in {args.rounds} alternating rounds. At concurrency
-{IN_FLIGHT} at most {IN_FLIGHT} images are in flight, so the ceiling is the in-process model with the same
-{IN_FLIGHT}: one call of {IN_FLIGHT} at a time (the best batch size the server can form), and, stricter,
-{split} images as concurrent calls (how the server's {workers} workers could share them), whichever is faster.
+Concurrency {IN_FLIGHT} against the ceiling, in {args.rounds} alternating rounds ({args.round_seconds:g} s per
+block). At concurrency {IN_FLIGHT} at most {IN_FLIGHT} images are in flight, so the ceiling is the in-process
+model with the same {IN_FLIGHT}: one call of {IN_FLIGHT} at a time (the best batch size the server can form),
+and, stricter, {split} images as concurrent calls (how the server's {workers} workers could share them),
+whichever is faster. Batch {INFO_BATCH_SIZE} above is for the record: no server batch can reach it here.
 
 {round_header}
 | --- | --- | --- | --- | --- | --- | --- |

@@ -112,7 +112,7 @@ class DynamicBatcher(Generic[Item, Result]):
                 continue
             except asyncio.QueueEmpty:
                 pass
-            if not self._others_may_join(len(batch)):
+            if not self._others_may_join(batch):
                 break  # waiting would only add latency
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -145,16 +145,17 @@ class DynamicBatcher(Generic[Item, Result]):
                 raise  # the worker itself is being stopped
             return None
 
-    def _others_may_join(self, batch_size: int) -> bool:
-        """Whether waiting could fill the batch: it is smaller than the previous one (under steady load the
-        clients just answered send their next requests, so the previous size is the best guess of who comes),
-        or requests are in progress that no worker holds yet (when the caller counts them; those in another
-        worker's running batch cannot join)."""
-        if batch_size < self._last_batch_size:
+    def _others_may_join(self, batch: list[_Pending[Item, Result]]) -> bool:
+        """Whether waiting could fill ``batch``: requests are in progress that no worker holds yet (when the
+        caller counts them; those in another worker's running batch cannot join), or, while no other batch
+        runs, it is smaller than the previous one (under steady load the clients just answered send their
+        next requests, so the previous size is the best guess of who comes; while another batch runs, the
+        previous one may be that batch, whose clients cannot come yet)."""
+        in_flight = self._requests_in_flight
+        if in_flight is not None and in_flight() > sum(len(held) for held in self._in_hand):
             return True
-        if self._requests_in_flight is not None:
-            return self._requests_in_flight() > sum(len(held) for held in self._in_hand)
-        return False
+        others_running = any(held for held in self._in_hand if held is not batch)
+        return not others_running and len(batch) < self._last_batch_size
 
     async def _work(self) -> None:
         """Collect and run batches until stopped; no error (nor stray cancellation) ends the loop."""
