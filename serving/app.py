@@ -47,10 +47,29 @@ LARGE_IMAGE_BYTES = 256 * 1024
 
 
 class InFlight:
-    """How many POST requests the app is handling now (the batcher waits only when others may join)."""
+    """How many POST requests the app is handling now, and the most it handled at once lately (the batcher
+    waits only when others may join, and spreads the recent peak over its workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, window_s: float = 1.0) -> None:
         self.count = 0
+        self.window_s = window_s
+        self._peak = 0
+        self._peak_at = 0.0
+
+    def enter(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count >= self._peak or now - self._peak_at > self.window_s:
+            self._peak, self._peak_at = self.count, now
+
+    def leave(self) -> None:
+        self.count -= 1
+
+    def recent_peak(self) -> int:
+        """The most requests in progress at once within the last ``window_s`` (at least the current count)."""
+        if time.monotonic() - self._peak_at > self.window_s:
+            self._peak, self._peak_at = self.count, time.monotonic()
+        return max(self._peak, self.count)
 
 
 @dataclass
@@ -104,6 +123,7 @@ def build_services(settings: ServingSettings) -> Services:
         max_wait_s=settings.max_batch_wait_ms / 1000,
         on_batch=metrics.batch_size.observe,
         requests_in_flight=lambda: in_flight.count,
+        peak_in_flight=in_flight.recent_peak,
         screen=screen,
         workers=settings.batch_workers,
     )
@@ -274,11 +294,13 @@ class MetricsMiddleware:
             await send(message)
 
         counted = scope.get("method") == "POST"
-        self.in_flight.count += counted
+        if counted:
+            self.in_flight.enter()
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self.in_flight.count -= counted
+            if counted:
+                self.in_flight.leave()
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope.get("method", "")

@@ -47,6 +47,7 @@ class DynamicBatcher(Generic[Item, Result]):
         workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
         requests_in_flight: Callable[[], int] | None = None,
+        peak_in_flight: Callable[[], int] | None = None,
         screen: Screen[Item] | None = None,
     ) -> None:
         self._predict = predict
@@ -56,6 +57,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self.workers = workers
         self._on_batch = on_batch
         self._requests_in_flight = requests_in_flight
+        self._peak_in_flight = peak_in_flight
         self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_batch_size = 0
@@ -106,7 +108,7 @@ class DynamicBatcher(Generic[Item, Result]):
         first = await self._queue.get()
         batch.append(first)
         deadline = first.enqueued_at + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+        while len(batch) < self._share(batch):
             try:
                 batch.append(self._queue.get_nowait())
                 continue
@@ -145,12 +147,32 @@ class DynamicBatcher(Generic[Item, Result]):
                 raise  # the worker itself is being stopped
             return None
 
+    def _share(self, batch: list[_Pending[Item, Result]]) -> int:
+        """The most items ``batch`` takes: ``max_batch_size``, or, with several workers and the recent peak
+        of requests in progress known, its part of those no running batch holds, spread over the workers
+        not running one. Under steady load the workers then run equal batches side by side, and one batch's
+        answers go out and its clients' next requests come in while the other computes. A batch short of
+        its share waits for it (within the max wait): a peak is steadier than the count of the moment, which
+        dips while answers go out and the next requests are not read yet."""
+        if not self._spreads():
+            return self.max_batch_size
+        assert self._peak_in_flight is not None
+        running = [held for held in self._in_hand if held and held is not batch]
+        expected = self._peak_in_flight() - sum(len(held) for held in running)
+        free_workers = max(1, self.workers - len(running))
+        return max(1, min(self.max_batch_size, -(-expected // free_workers)))
+
+    def _spreads(self) -> bool:
+        return self._peak_in_flight is not None and self.workers > 1
+
     def _others_may_join(self, batch: list[_Pending[Item, Result]]) -> bool:
         """Whether waiting could fill ``batch``: requests are in progress that no worker holds yet (when the
         caller counts them; those in another worker's running batch cannot join), or, while no other batch
         runs, it is smaller than the previous one (under steady load the clients just answered send their
         next requests, so the previous size is the best guess of who comes; while another batch runs, the
         previous one may be that batch, whose clients cannot come yet)."""
+        if self._spreads():
+            return True  # the share (what the loop fills up to) counts who is expected
         in_flight = self._requests_in_flight
         if in_flight is not None and in_flight() > sum(len(held) for held in self._in_hand):
             return True

@@ -59,8 +59,8 @@ class ServingSettings(BaseSettings):
         default=2,
         ge=1,
         le=16,
-        description="Batches the model may run at once: with 2, the next batch runs while the last one's "
-        "answers go out, which keeps a multi-core CPU busy (see BENCHMARKS.md).",
+        description="Batches the model may run at once; under load each takes its share of the requests, so "
+        "one batch's answers go out while another computes (see BENCHMARKS.md).",
     )
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Request body limit (413).")
     max_image_pixels: int = Field(

@@ -348,6 +348,53 @@ def test_one_batch_forms_at_a_time_across_workers() -> None:
     assert sizes == [8, 8]
 
 
+def test_workers_share_the_recent_peak_of_requests() -> None:
+    # Eight requests in progress at the peak, two workers: two batches of four run side by side, so one
+    # batch's answers go out while the other computes.
+    sizes: list[int] = []
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def predict(items):
+        nonlocal running, most
+        with lock:
+            sizes.append(len(items))
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return list(items)
+
+    async def scenario() -> list[int]:
+        batcher = DynamicBatcher(
+            predict,
+            max_batch_size=32,
+            max_wait_s=0.5,
+            workers=2,
+            requests_in_flight=lambda: 8,
+            peak_in_flight=lambda: 8,
+        )
+        async with running_batcher(batcher):
+            return await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+
+    assert asyncio.run(scenario()) == list(range(8))
+    assert sizes == [4, 4] and most == 2
+
+
+def test_in_flight_peak_outlives_dips_for_its_window() -> None:
+    from serving.app import InFlight
+
+    gauge = InFlight(window_s=0.2)
+    for _ in range(5):
+        gauge.enter()
+    for _ in range(4):
+        gauge.leave()
+    assert gauge.count == 1 and gauge.recent_peak() == 5  # answers went out; their clients come back
+    time.sleep(0.25)
+    assert gauge.recent_peak() == 1  # the load is gone
+
+
 def test_event_loop_stays_responsive_during_a_slow_batch() -> None:
     async def scenario() -> float:
         batcher = DynamicBatcher(lambda items: time.sleep(0.3) or list(items), max_batch_size=4, max_wait_s=0)
