@@ -49,6 +49,30 @@ class Prediction:
         return {"classes": self.classes, "scores": self.scores, "probabilities": self.probabilities}
 
 
+def configure_tensorflow_threads(*, intra_op: int, inter_op: int) -> bool:
+    """Size TensorFlow's thread pools for this process; False (and a warning) when TensorFlow already runs
+    here with other sizes, which it can no longer change."""
+    import tensorflow as tf
+
+    threading_config = tf.config.threading
+    try:
+        threading_config.set_intra_op_parallelism_threads(intra_op)
+        threading_config.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        current = (
+            threading_config.get_intra_op_parallelism_threads(),
+            threading_config.get_inter_op_parallelism_threads(),
+        )
+        if current != (intra_op, inter_op):
+            logger.warning(
+                "TensorFlow already runs in this process: it keeps (intra-op, inter-op) threads %s, not %s",
+                current,
+                (intra_op, inter_op),
+            )
+        return False
+    return True
+
+
 class ServedModel:
     """One loaded SavedModel version with its labels and signatures (KServe-style ``load``/``ready``)."""
 

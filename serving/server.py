@@ -13,10 +13,13 @@ def run_server(settings: ServingSettings) -> None:
     import uvicorn
 
     from serving.app import create_app
+    from serving.model import configure_tensorflow_threads
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    intra_op, inter_op = settings.tensorflow_threads()
+    configure_tensorflow_threads(intra_op=intra_op, inter_op=inter_op)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +63,19 @@ class ServingSettings(BaseSettings):
         description="Batches the model may run at once; under load each takes its share of the requests, so "
         "one batch's answers go out while another computes (see BENCHMARKS.md).",
     )
+    tf_intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Threads one TensorFlow op may use (TF Serving's tensorflow_intra_op_parallelism); 0: "
+        "the cores divided among the batch workers, so side-by-side batches do not fight over the cores.",
+    )
+    tf_inter_op_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="TensorFlow ops that may run at once (tensorflow_inter_op_parallelism); 0: one per core.",
+    )
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Request body limit (413).")
     max_image_pixels: int = Field(
         default=25_000_000, ge=1, description="Largest width*height accepted (decompression bombs)."
@@ -104,3 +118,9 @@ class ServingSettings(BaseSettings):
     def pinned_version(self) -> int | None:
         """The pinned version, or None when following the latest."""
         return self.version_policy if isinstance(self.version_policy, int) else None
+
+    def tensorflow_threads(self) -> tuple[int, int]:
+        """(intra-op, inter-op) TensorFlow threads: the settings, or what 0 stands for on this machine."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        intra = self.tf_intra_op_threads or max(1, cores // self.batch_workers)
+        return intra, self.tf_inter_op_threads or cores

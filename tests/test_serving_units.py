@@ -8,10 +8,13 @@ import base64
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +28,8 @@ from serving.images import check_image_header, validate_image
 from serving.settings import ServingSettings
 from serving.tfserving import InputSpec, format_outputs, parse_predict, to_array
 from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def encoded(fmt: str = "PNG", size: tuple[int, int] = (32, 32), mode: str = "RGB") -> bytes:
@@ -56,6 +61,30 @@ def test_batching_settings_reach_the_batcher(monkeypatch: pytest.MonkeyPatch, tm
     batcher = build_services(ServingSettings(feedback_uri=str(tmp_path), max_batch_size=7)).batcher
     assert (batcher.workers, batcher.max_batch_size) == (3, 7)
     assert ServingSettings().batch_workers == 3 and ServingSettings.model_fields["batch_workers"].default == 2
+
+
+def test_tensorflow_threads_default_to_the_cores_shared_by_the_batch_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    assert ServingSettings(batch_workers=2).tensorflow_threads() == (2, 4)
+    assert ServingSettings(batch_workers=8).tensorflow_threads() == (1, 4)
+    chosen = ServingSettings(tf_intra_op_threads=3, tf_inter_op_threads=5).tensorflow_threads()
+    assert chosen == (3, 5)
+
+
+def test_tensorflow_threads_are_sized_before_tensorflow_starts() -> None:
+    # A fresh process (as `python -m serving`): the sizes take; once TensorFlow runs, others are refused.
+    script = (
+        "from serving.model import configure_tensorflow_threads as c\n"
+        "assert c(intra_op=1, inter_op=3)\n"
+        "import tensorflow as tf\n"
+        "tf.constant(1) + 1\n"
+        "assert (tf.config.threading.get_intra_op_parallelism_threads(),"
+        " tf.config.threading.get_inter_op_parallelism_threads()) == (1, 3)\n"
+        "assert c(intra_op=2, inter_op=3) is False\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=120)
 
 
 def test_settings_refuse_bad_policy() -> None:

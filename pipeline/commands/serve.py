@@ -34,6 +34,17 @@ def _serve(
         int | None,
         typer.Option("--batch-workers", help="Batches the model may run at once (default 2)."),
     ] = None,
+    tf_intra_op_threads: Annotated[
+        int | None,
+        typer.Option(
+            "--tf-intra-op-threads",
+            help="Threads one TensorFlow op may use (default: the cores divided among the batch workers).",
+        ),
+    ] = None,
+    tf_inter_op_threads: Annotated[
+        int | None,
+        typer.Option("--tf-inter-op-threads", help="TensorFlow ops run at once (default: one per core)."),
+    ] = None,
     poll_interval: Annotated[
         float | None, typer.Option("--poll-interval", help="Seconds between looks for a new version.")
     ] = None,
@@ -71,6 +82,8 @@ def _serve(
         "max_batch_size": max_batch_size,
         "max_batch_wait_ms": max_batch_wait_ms,
         "batch_workers": batch_workers,
+        "tf_intra_op_threads": tf_intra_op_threads,
+        "tf_inter_op_threads": tf_inter_op_threads,
         "poll_interval_s": poll_interval,
         "token": token,
         "allow_new_labels": allow_new_labels,
