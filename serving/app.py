@@ -44,6 +44,7 @@ from serving.settings import ServingSettings
 logger = logging.getLogger(__name__)
 
 LARGE_IMAGE_BYTES = 256 * 1024
+INTERNAL_ERROR = "internal error; the server logged the details"
 
 
 class InFlight:
@@ -347,7 +348,7 @@ class PredictLane:
             response = _error(error.status_code, str(error))
         except Exception:  # the server must answer, never die; logged
             logger.exception("unexpected error in :predict")
-            response = _error(500, "internal error; the server logged the details")
+            response = _error(500, INTERNAL_ERROR)
         await response(scope, receive, send)
 
 
@@ -406,7 +407,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error", exc_info=error)
-        return _error(500, "internal error; the server logged the details")
+        return _error(500, INTERNAL_ERROR)
 
 
 def _page() -> str:

@@ -330,9 +330,8 @@ def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> 
     assert asyncio.run(scenario()) < 0.2 + 0.5
 
 
-def test_a_batch_waits_for_as_many_as_the_last_one_held() -> None:
-    # Under load the clients of a finished batch come back one by one, before the server has counted them
-    # as in flight: the next batch waits (within the max wait) until it is as large as the last one.
+def batch_sizes_of_a_burst_then_a_trickle(count: int, gap_s: float, **options: object) -> list[int]:
+    """Sizes of the model calls for ``count`` items at once, then ``count`` more arriving ``gap_s`` apart."""
     sizes: list[int] = []
 
     def predict(items):
@@ -340,41 +339,29 @@ def test_a_batch_waits_for_as_many_as_the_last_one_held() -> None:
         return list(items)
 
     async def scenario() -> None:
-        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.5, requests_in_flight=lambda: 1)
+        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.5, **options)
         async with running_batcher(batcher):
-            await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+            await asyncio.gather(*(batcher.submit(i) for i in range(count)))
 
             async def later(i: int) -> int:
-                await asyncio.sleep(0.01 * i)
+                await asyncio.sleep(gap_s * i)
                 return await batcher.submit(i)
 
-            await asyncio.gather(*(later(i) for i in range(6)))
+            await asyncio.gather(*(later(i) for i in range(count)))
 
     asyncio.run(scenario())
-    assert sizes == [6, 6]
+    return sizes
+
+
+def test_a_batch_waits_for_as_many_as_the_last_one_held() -> None:
+    # Under load the clients of a finished batch come back one by one, before the server has counted them
+    # as in flight: the next batch waits (within the max wait) until it is as large as the last one.
+    assert batch_sizes_of_a_burst_then_a_trickle(6, 0.01, requests_in_flight=lambda: 1) == [6, 6]
 
 
 def test_one_batch_forms_at_a_time_across_workers() -> None:
     # Two idle workers must not split arriving requests into two half batches.
-    sizes: list[int] = []
-
-    def predict(items):
-        sizes.append(len(items))
-        return list(items)
-
-    async def scenario() -> None:
-        batcher = DynamicBatcher(predict, max_batch_size=8, max_wait_s=0.5, workers=2)
-        async with running_batcher(batcher):
-            await asyncio.gather(*(batcher.submit(i) for i in range(8)))
-
-            async def later(i: int) -> int:
-                await asyncio.sleep(0.005 * i)
-                return await batcher.submit(i)
-
-            await asyncio.gather(*(later(i) for i in range(8)))
-
-    asyncio.run(scenario())
-    assert sizes == [8, 8]
+    assert batch_sizes_of_a_burst_then_a_trickle(8, 0.005, workers=2) == [8, 8]
 
 
 def test_workers_share_the_recent_peak_of_requests() -> None:
