@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -121,6 +122,19 @@ class ServingSettings(BaseSettings):
 
     def tensorflow_threads(self) -> tuple[int, int]:
         """(intra-op, inter-op) TensorFlow threads: the settings, or what 0 stands for on this machine."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = available_cores()
         intra = self.tf_intra_op_threads or max(1, cores // self.batch_workers)
         return intra, self.tf_inter_op_threads or cores
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's CPU
+    limit, which the affinity does not show)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text(encoding="ascii").split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to honour
+    return cores

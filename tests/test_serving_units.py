@@ -25,7 +25,7 @@ from serving.batching import DynamicBatcher
 from serving.errors import InvalidInput, PayloadTooLarge
 from serving.events import FEEDBACK_EVENT, PrefectEventSender, feedback_event
 from serving.images import check_image_header, validate_image
-from serving.settings import ServingSettings
+from serving.settings import ServingSettings, available_cores
 from serving.tfserving import InputSpec, format_outputs, parse_predict, to_array
 from tests.conftest import free_port
 
@@ -66,11 +66,23 @@ def test_batching_settings_reach_the_batcher(monkeypatch: pytest.MonkeyPatch, tm
 def test_tensorflow_threads_default_to_the_cores_shared_by_the_batch_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr("serving.settings.available_cores", lambda: 4)
     assert ServingSettings(batch_workers=2).tensorflow_threads() == (2, 4)
     assert ServingSettings(batch_workers=8).tensorflow_threads() == (1, 4)
     chosen = ServingSettings(tf_intra_op_threads=3, tf_inter_op_threads=5).tensorflow_threads()
     assert chosen == (3, 5)
+
+
+def test_available_cores_honour_a_container_cpu_limit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")
+    assert available_cores(cpu_max) == 2  # a 1.5-CPU limit
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(cpu_max) == 16
+    assert available_cores(tmp_path / "missing") == 16
 
 
 def test_tensorflow_threads_are_sized_before_tensorflow_starts() -> None:
