@@ -296,27 +296,34 @@ def test_screen_that_sees_nothing_wrong_falls_back_to_item_by_item() -> None:
     assert sizes == [3, 1, 1, 1]
 
 
-def test_two_workers_run_two_batches_at_once() -> None:
-    running, most = 0, 0
-    lock = threading.Lock()
+class SlowModel:
+    """A batch function that takes 50 ms and records batch sizes and how many calls ran at once."""
 
-    def predict(items):
-        nonlocal running, most
-        with lock:
-            running += 1
-            most = max(most, running)
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, items):
+        with self._lock:
+            self.sizes.append(len(items))
+            self.running += 1
+            self.most = max(self.most, self.running)
         time.sleep(0.05)
-        with lock:
-            running -= 1
+        with self._lock:
+            self.running -= 1
         return list(items)
 
-    async def scenario(workers: int) -> list[int]:
-        batcher = DynamicBatcher(predict, max_batch_size=4, max_wait_s=0.01, workers=workers)
+
+def test_two_workers_run_two_batches_at_once() -> None:
+    async def scenario(model: SlowModel, workers: int) -> list[int]:
+        batcher = DynamicBatcher(model, max_batch_size=4, max_wait_s=0.01, workers=workers)
         async with running_batcher(batcher):
             return await asyncio.gather(*(batcher.submit(i) for i in range(16)))
 
-    assert asyncio.run(scenario(1)) == list(range(16)) and most == 1
-    assert asyncio.run(scenario(2)) == list(range(16)) and most == 2
+    one, two = SlowModel(), SlowModel()
+    assert asyncio.run(scenario(one, 1)) == list(range(16)) and one.most == 1
+    assert asyncio.run(scenario(two, 2)) == list(range(16)) and two.most == 2
 
 
 def test_requests_already_in_a_running_batch_do_not_hold_the_next_one_back() -> None:
@@ -379,24 +386,11 @@ def test_one_batch_forms_at_a_time_across_workers() -> None:
 def test_workers_share_the_recent_peak_of_requests() -> None:
     # Eight requests in progress at the peak, two workers: two batches of four run side by side, so one
     # batch's answers go out while the other computes.
-    sizes: list[int] = []
-    running, most = 0, 0
-    lock = threading.Lock()
-
-    def predict(items):
-        nonlocal running, most
-        with lock:
-            sizes.append(len(items))
-            running += 1
-            most = max(most, running)
-        time.sleep(0.05)
-        with lock:
-            running -= 1
-        return list(items)
+    model = SlowModel()
 
     async def scenario() -> list[int]:
         batcher = DynamicBatcher(
-            predict,
+            model,
             max_batch_size=32,
             max_wait_s=0.5,
             workers=2,
@@ -407,7 +401,7 @@ def test_workers_share_the_recent_peak_of_requests() -> None:
             return await asyncio.gather(*(batcher.submit(i) for i in range(8)))
 
     assert asyncio.run(scenario()) == list(range(8))
-    assert sizes == [4, 4] and most == 2
+    assert model.sizes == [4, 4] and model.most == 2
 
 
 def test_in_flight_peak_outlives_dips_for_its_window() -> None:
