@@ -19,10 +19,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 import storage
+from storage.layout import CONSUMED, PENDING
 from training.gate import EvaluationMetrics, GatePolicy
 
-PENDING = "pending"
-CONSUMED = "consumed"
 FEEDBACK_EVENT = "tfloop.feedback.received"
 
 

@@ -22,10 +22,8 @@ from typing import Any
 
 import storage
 from serving.errors import FeedbackStoreError, InvalidInput
+from storage.layout import CONSUMED, PENDING, RECORDS
 
-PENDING = "pending"
-RECORDS = "records"
-CONSUMED = "consumed"
 SAFE_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ .+-]{0,99}")
 MAX_NOTE_CHARS = 2000
 

@@ -1,0 +1,12 @@
+"""Folder names of the feedback queue, shared by serving (writer) and the pipeline (reader and mover).
+
+Below a queue root (local folder or ``gs://`` prefix): ``pending/<label>/<sha256>.<ext>`` (images waiting for
+a run), ``records/<feedback_id>.json`` (one record per correction), ``consumed/<run>/<label>/...`` (images a
+run trained on; never deleted).
+"""
+
+from __future__ import annotations
+
+PENDING = "pending"
+RECORDS = "records"
+CONSUMED = "consumed"
