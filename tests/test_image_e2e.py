@@ -3,7 +3,7 @@
 No Docker engine and no pullable base image here: the base comes from scripts/make-base-image.sh (debootstrap,
 cached under ~/.cache/tfloop, override with TFLOOP_CACHE), the build is buildah's, the server is the image's
 own entrypoint started with `buildah run` on a loopback port, and the registry is Debian's docker-registry on
-loopback. A missing tool makes the test skip with the reason printed, never pass silently.
+loopback. A missing tool fails the run in CI and skips loudly elsewhere (tests/tools.py), never silently.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,20 +24,13 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.tools import missing_tool
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TFLOOP_CACHE", Path.home() / ".cache" / "tfloop"))
 MODEL_NAME = "tiny"
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _skip_loudly(reason: str) -> None:
-    """Skip with the reason in the skip summary (-ra), a warning in the warnings summary and on stderr."""
-    message = f"image end-to-end test SKIPPED: {reason}"
-    print(f"\n*** {message} ***", file=sys.stderr, flush=True)
-    warnings.warn(message, UserWarning, stacklevel=2)
-    pytest.skip(message)
 
 
 def _buildah(store: dict[str, str], *args: str, check: bool = True, timeout: float = 600) -> str:
@@ -57,11 +49,13 @@ def store_options(store: dict[str, str]) -> list[str]:
 def store_and_bases() -> tuple[dict[str, str], str, str]:
     """A buildah store kept between runs (overlay where it works, else vfs) holding the local bases."""
     if shutil.which("buildah") is None:
-        _skip_loudly("buildah is not installed (apt-get install buildah, or `make system-deps`)")
+        missing_tool("buildah", why="the serving image cannot be built", how="run `make system-deps`")
     if not Path("/etc/containers/policy.json").is_file():
-        _skip_loudly("/etc/containers/policy.json is missing (see NOTES.md; `make system-deps` writes it)")
+        missing_tool(
+            "/etc/containers/policy.json", why="buildah refuses to build", how="`make system-deps` writes it"
+        )
     if os.geteuid() != 0:
-        _skip_loudly("building with buildah's chroot isolation and debootstrap needs root here")
+        missing_tool("root", why="buildah's chroot isolation and debootstrap need it", how="run as root")
     failures = []
     for driver in ("overlay", "vfs"):
         store = {
@@ -79,7 +73,11 @@ def store_and_bases() -> tuple[dict[str, str], str, str]:
             check=False,
         )
         if made.returncode == 2:
-            _skip_loudly(f"cannot make a local base image: {made.stderr.strip().splitlines()[-1]}")
+            missing_tool(
+                "a local base image",
+                why=made.stderr.strip().splitlines()[-1],
+                how="install debootstrap (`make system-deps`)",
+            )
         if made.returncode == 0:
             base, builder = made.stdout.strip().splitlines()[-1].split()
             probe = _buildah(store, "from", base, check=False).strip()
@@ -102,7 +100,7 @@ def store_and_bases() -> tuple[dict[str, str], str, str]:
 def registry(tmp_path: Path) -> Iterator[str]:
     """Debian's docker-registry serving on a loopback port; yields HOST:PORT."""
     if shutil.which("docker-registry") is None:
-        _skip_loudly("docker-registry is not installed (apt-get install docker-registry)")
+        missing_tool("docker-registry", why="the push cannot be tested", how="run `make system-deps`")
     port = free_port()
     config = tmp_path / "registry.yml"
     config.write_text(
