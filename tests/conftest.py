@@ -24,8 +24,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def gcs_emulator_host() -> Iterator[str]:
-    """A gcp-storage-emulator serving the GCS JSON API on loopback; yields its base URL."""
+    """A gcp-storage-emulator serving the GCS JSON API on loopback, honouring ``ifGenerationMatch``
+    (tests/gcs_emulator.py); yields its base URL."""
     from gcp_storage_emulator.server import create_server
+
+    from tests import gcs_emulator
+
+    gcs_emulator.install()
 
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)

@@ -84,8 +84,13 @@ def test_missing_file_is_a_clear_error(root: str) -> None:
         storage.read_bytes(storage.join(root, "absent.bin"))
 
 
-def test_concurrent_write_if_absent_local_has_one_winner(tmp_path: Path) -> None:
-    target = str(tmp_path / "race" / "item")
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_concurrent_write_if_absent_has_one_winner(where: str, tmp_path: Path, request) -> None:
+    """Writers that all saw the object absent race to create it: exactly one wins and its bytes stay."""
+    if where == "gcs":
+        target = request.getfixturevalue("gcs_bucket") + "/race/item"
+    else:
+        target = str(tmp_path / "race" / "item")
     results: list[bool] = []
     barrier = threading.Barrier(16)
 
@@ -100,6 +105,17 @@ def test_concurrent_write_if_absent_local_has_one_winner(tmp_path: Path) -> None
         thread.join()
     assert results.count(True) == 1
     assert storage.read_bytes(target).startswith(b"writer-")
+
+
+def test_emulator_refuses_a_second_create_only_upload(gcs_bucket: str) -> None:
+    """The GCS stand-in enforces ``ifGenerationMatch=0`` as GCS does, so no-overwrite tests can fail."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    bucket, key = storage.core._bucket(gcs_bucket + "/once")
+    bucket.blob(key).upload_from_string(b"first", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        bucket.blob(key).upload_from_string(b"second", if_generation_match=0)
+    assert storage.read_bytes(gcs_bucket + "/once") == b"first"
 
 
 def test_unreachable_bucket_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
