@@ -578,10 +578,10 @@ In-process SavedModel (`serving_default`, images/s by batch size, one call at a 
 {rows}
 
 Concurrency {IN_FLIGHT} against the ceiling, in {args.rounds} alternating rounds ({args.round_seconds:g} s per
-block). The ceiling, as the issue defines it: the in-process model called one call at a time at its best
-batch size (each round takes the faster of batch {small} and {large}; {large} is more than the server can
-ever hold at concurrency {IN_FLIGHT}). Stricter: the same {IN_FLIGHT} images in flight as
-{split} concurrent calls, which is how the server's {workers} workers call the model under this load.
+block). The ceiling is the faster of two in-process readings, taken in each round: the same {IN_FLIGHT}
+images in flight as {split} concurrent calls (how the server's {workers} workers call the model under this
+load), and one call at a time at its best batch size (the faster of batch {small} and {large}). The
+headline ratio is against that faster ceiling; the ratio to one call alone is shown beside it.
 
 {round_header}
 | --- | --- | --- | --- | --- | --- | --- |
@@ -591,10 +591,10 @@ Concurrency 1, one in-process call and one HTTP request taken in turn ({args.sin
 {single[0] * 1000:.1f} ms in-process, {single[1] * 1000:.1f} ms through the server.
 
 Targets:
-- concurrency {IN_FLIGHT} at >= 0.85 of the ceiling (median of the rounds): **{ratio_one:.2f}**
-  ({"met" if ratio_one >= 0.85 else "MISSED"}) against one call at a time ({server_32:.0f} req/s against
-  {ceiling_one:.0f} img/s); **{ratio_best:.2f}** ({"met" if ratio_best >= 0.85 else "MISSED"}) against the
-  faster of that and {split} ({ceiling_many:.0f} img/s), the stricter reading;
+- concurrency {IN_FLIGHT} at >= 0.85 of the ceiling (median of the rounds): **{ratio_best:.2f}**
+  ({"met" if ratio_best >= 0.85 else "MISSED"}) against the faster of {split} concurrent calls and one call
+  ({server_32:.0f} req/s against {ceiling_many:.0f} img/s); {ratio_one:.2f} against one call at a time alone
+  ({ceiling_one:.0f} img/s), the looser reading;
 - p50 at concurrency 1 within 5 ms of an in-process single call: **{p50_gap:+.1f} ms**
   ({"met" if p50_gap <= 5 else "MISSED"});
 - ahead of the naive server at concurrency 8 and 32: **{"yes" if ahead else "NO"}**.
