@@ -3,7 +3,8 @@
 Writes are atomic for readers on both backends: local files are written to a temporary name and renamed,
 GCS objects appear whole or not at all. ``write_if_absent`` never overwrites: locally it links a finished
 temporary file into place (``link`` fails if the name exists); on GCS it checks first and uploads with
-``if_generation_match=0`` so that a racing writer loses on a real bucket.
+``if_generation_match=0`` so that a racing writer loses on a real bucket. Local writes are durable when
+they return: the file and every folder entry they created (the name, new parent folders) are fsynced.
 """
 
 from __future__ import annotations
@@ -222,9 +223,26 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a file renamed or linked into it, a new subfolder) survive a crash."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _make_parents(path: Path) -> None:
+    """Create ``path``'s missing parent folders, each recorded durably in its own parent."""
+    missing = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        _fsync_dir(folder.parent)
+
+
 def _temp_beside(path: Path) -> Path:
     """An empty temporary file next to ``path``, with the mode a plain ``open()`` would give it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(path)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     os.chmod(name, 0o666 & ~_umask())
@@ -253,6 +271,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             with open(temp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(temp, path)
+            _fsync_dir(path.parent)
         finally:
             temp.unlink(missing_ok=True)
 
@@ -291,6 +310,7 @@ def write_if_absent(uri: str, data: bytes) -> bool:
             return False
         finally:
             temp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
     return True
 
 
@@ -356,7 +376,7 @@ def move(src: str, dst: str) -> None:
     if not is_gcs(src) and not is_gcs(dst):
         source, target = local_path(src), local_path(dst)
         with _local_errors(src, "move"):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_parents(target)
             try:
                 os.link(source, target)
             except FileExistsError:
@@ -364,7 +384,9 @@ def move(src: str, dst: str) -> None:
                     raise StorageError(
                         f"cannot move {src} to {dst}: a different file is already there"
                     ) from None
+            _fsync_dir(target.parent)
             source.unlink()
+            _fsync_dir(source.parent)
         return
     data = read_bytes(src)
     if not write_if_absent(dst, data) and read_bytes(dst) != data:

@@ -130,3 +130,33 @@ def test_unreachable_bucket_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 def test_bad_gcs_uri() -> None:
     with pytest.raises(storage.StorageError, match="bucket name"):
         storage.list_files("gs:///no-bucket")
+
+
+def test_local_writes_fsync_the_file_and_every_folder_they_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that returned survives a power cut: the file's bytes and the entries naming it are synced."""
+    import os
+    import stat
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        link = os.readlink(f"/proc/self/fd/{descriptor}")
+        synced.append((link, stat.S_ISDIR(os.fstat(descriptor).st_mode)))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "queue" / "pending" / "cat" / "a.jpg"
+    assert storage.write_if_absent(str(target), b"image")
+    synced_dirs = {path for path, is_dir in synced if is_dir}
+    assert any(not is_dir for _, is_dir in synced)
+    assert {str(target.parent), str(tmp_path / "queue" / "pending"), str(tmp_path / "queue")} <= synced_dirs
+    assert str(tmp_path) in synced_dirs
+
+    synced.clear()
+    storage.move(str(target), str(tmp_path / "queue" / "consumed" / "run" / "cat" / "a.jpg"))
+    synced_dirs = {path for path, is_dir in synced if is_dir}
+    assert str(tmp_path / "queue" / "consumed" / "run" / "cat") in synced_dirs
+    assert str(target.parent) in synced_dirs
