@@ -73,18 +73,24 @@ def smoke_test(
     sample_image: bytes | None = None,
     predict: bool = True,
     timeout_s: float = 30.0,
+    pinned: bool = False,
 ) -> SmokeResult:
-    """Check that ``model_name`` version ``expected_version`` is AVAILABLE and answers one prediction."""
+    """Check that ``model_name`` version ``expected_version`` is AVAILABLE and answers one prediction.
+
+    ``pinned`` asks the version's own routes (``/v1/models/<name>/versions/<N>``): how a candidate that is
+    loaded but not live yet is tested before promotion.
+    """
     url = base_url.rstrip("/")
+    model_path = f"/v1/models/{model_name}" + (f"/versions/{expected_version}" if pinned else "")
     try:
         with httpx.Client(base_url=url, timeout=timeout_s) as http:
-            status = http.get(f"/v1/models/{model_name}")
+            status = http.get(model_path)
             if status.status_code != 200:
                 return _failed(
                     url,
                     expected_version,
                     [],
-                    f"GET /v1/models/{model_name} answered {status.status_code}: {status.text[:200]}",
+                    f"GET {model_path} answered {status.status_code}: {status.text[:200]}",
                 )
             entries = status.json().get("model_version_status") or []
             available = [str(entry.get("version")) for entry in entries if entry.get("state") == "AVAILABLE"]
@@ -98,15 +104,14 @@ def smoke_test(
             if predict:
                 image = sample_image if sample_image is not None else sample_png()
                 body = {"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}
-                answer = http.post(f"/v1/models/{model_name}:predict", json=body)
+                answer = http.post(f"{model_path}:predict", json=body)
                 predictions = answer.json().get("predictions") if answer.status_code == 200 else None
                 if not isinstance(predictions, list) or len(predictions) != 1:
                     return _failed(
                         url,
                         expected_version,
                         available,
-                        f"POST /v1/models/{model_name}:predict answered {answer.status_code}: "
-                        f"{answer.text[:200]}",
+                        f"POST {model_path}:predict answered {answer.status_code}: {answer.text[:200]}",
                     )
     except (httpx.HTTPError, ValueError) as error:
         return _failed(url, expected_version, [], f"{type(error).__name__}: {error}")
