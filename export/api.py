@@ -5,6 +5,11 @@
 build the SavedModel in a temporary folder, verify it against the Keras model, publish it as the next
 version below ``<base>/<model_name>/`` and (for runs) register it in the MLflow Model Registry with the
 alias ``challenger``. A failed verification publishes and registers nothing.
+
+A run is published once per base: exporting a run again (a retried flow task, a second ``tfloop export``)
+returns the complete version whose ``tfloop.json`` names the run, and registers it when a crash came
+between publishing and registering. Two exports of one run at the same moment are not excluded here; the
+loop's one-run-per-model concurrency limit keeps its own exports apart.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.errors import ExportError
-from export.publish import DEFAULT_STALE_AFTER_S, publish_version
-from export.registry import CHALLENGER, register_version
+from export.publish import DEFAULT_STALE_AFTER_S, PublishedVersion, find_published_run, publish_version
+from export.registry import CHALLENGER, find_registered_version, register_version
 from export.savedmodel import DEFAULT_TOP_K, export_saved_model
 from export.verify import VerificationReport, verify_saved_model
 
@@ -45,6 +50,7 @@ class ExportResult:
     registered_version: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
     verification: VerificationReport | None = None
+    reused: bool = False
 
 
 def _quiet(_: str) -> None:
@@ -199,8 +205,10 @@ def export_run(
     """Export the model of MLflow training run ``run_id`` as the next version below ``base``.
 
     ``model_name`` defaults to the run's ``tfloop.model_name`` tag (then ``train_config.json``).
-    With ``register`` the version is registered under that name with alias ``alias``.
-    Raises :class:`ExportError` (or a subclass) with a message that says what to fix.
+    With ``register`` the version is registered under that name with alias ``alias``. A run already
+    published below ``base`` is not published again: its version comes back with ``reused=True``
+    (registered now if it was not yet). Raises :class:`ExportError` (or a subclass) with a message that
+    says what to fix.
     """
     from mlflow.exceptions import MlflowException
 
@@ -224,10 +232,6 @@ def export_run(
             raise ExportError(f"labels.json of run {run_id} must be a list of label strings")
         if not isinstance(config, dict):
             raise ExportError(f"train_config.json of run {run_id} must be a JSON object")
-        model_file = _download(run_id, MODEL_ARTIFACT, workdir, tracking_uri)
-        progress("loading the Keras model")
-        model = _load_keras_model(model_file)
-
         name = model_name or run.data.tags.get(MODEL_NAME_TAG) or config.get("model_name")
         if not name:
             raise ExportError(
@@ -240,6 +244,22 @@ def export_run(
             if long in run.data.metrics
         }
         fingerprint = run.data.tags.get(FINGERPRINT_TAG) or config.get("dataset_fingerprint")
+        existing = find_published_run(base, str(name), run_id)
+        if existing is not None:
+            progress(f"run {run_id} is already published as version {existing.version} at {existing.uri}")
+            return _reuse(
+                existing,
+                run_id=run_id,
+                tracking_uri=tracking_uri,
+                register=register,
+                metrics=metrics,
+                fingerprint=fingerprint,
+                alias=alias,
+                progress=progress,
+            )
+        model_file = _download(run_id, MODEL_ARTIFACT, workdir, tracking_uri)
+        progress("loading the Keras model")
+        model = _load_keras_model(model_file)
         if sample_images is None:
             from export.savedmodel import model_image_size
             from export.warmup import synthetic_sample_images
@@ -282,4 +302,45 @@ def export_run(
         registered_version=registered,
         metadata=result.metadata,
         verification=result.verification,
+    )
+
+
+def _reuse(
+    existing: PublishedVersion,
+    *,
+    run_id: str,
+    tracking_uri: str,
+    register: bool,
+    metrics: Mapping[str, float],
+    fingerprint: str | None,
+    alias: str,
+    progress: Progress,
+) -> ExportResult:
+    """The already published version of a run, registered now when it is not yet (no second version)."""
+    from export.savedmodel import read_metadata
+
+    entry = find_registered_version(
+        model_name=existing.model_name, export_uri=existing.uri, tracking_uri=tracking_uri, run_id=run_id
+    )
+    registered = entry.registered_version if entry is not None else None
+    if register and entry is None:
+        progress(f"version {existing.version} was published but not registered; registering it now")
+        registered = register_version(
+            tracking_uri=tracking_uri,
+            model_name=existing.model_name,
+            run_id=run_id,
+            export_uri=existing.uri,
+            serving_version=existing.version,
+            metrics=metrics,
+            dataset_fingerprint=fingerprint,
+            alias=alias,
+        ).registered_version
+    if registered is not None:
+        progress(f"registered as {existing.model_name} version {registered}")
+    return ExportResult(
+        version=existing.version,
+        path=existing.uri,
+        registered_version=registered,
+        metadata=read_metadata(existing.uri),
+        reused=True,
     )

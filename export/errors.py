@@ -19,3 +19,7 @@ class PublishError(ExportError):
 
 class RegistryError(ExportError):
     """The MLflow Model Registry refused an operation (unknown model, version or alias)."""
+
+
+class PromotionError(RegistryError):
+    """A version could not be made live (not complete, not registered, or the alias did not move)."""

@@ -115,6 +115,13 @@ class BuiltImage:
     run_id: str | None
     mlflow_note: str
 
+    @property
+    def pinned(self) -> str | None:
+        """``<repository>@<manifest digest>`` of a pushed image (what a rollout deploys), else None."""
+        if not self.pushed or not self.digest:
+            return None
+        return f"{self.image.rsplit(':', 1)[0]}@{self.digest}"
+
     def as_json(self) -> dict[str, Any]:
         """The ``tfloop build --json`` document."""
         return {

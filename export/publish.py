@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import storage
-from export.errors import PublishError
+from export.errors import ExportError, PublishError
 from export.savedmodel import METADATA_FILE, read_metadata, write_metadata
 from storage import versions
 
@@ -207,6 +207,26 @@ def _publish_staged(stage: Path, base: str, model_name: str, version: int) -> bo
             return False
         raise PublishError(f"cannot move the staged model to {target}: {error.strerror or error}") from error
     return True
+
+
+def find_published_run(base: str, model_name: str, run_id: str) -> PublishedVersion | None:
+    """The complete version whose ``tfloop.json`` ``run_id`` is ``run_id`` (the newest such), or None.
+
+    Versions without a ``tfloop.json``, or with a malformed one, were not published by a tfloop export and
+    are skipped; a storage error propagates (skipping a version that cannot be read now could publish the
+    run twice).
+    """
+    for version in reversed(versions.complete_versions(base, model_name)):
+        uri = versions.version_uri(base, model_name, version)
+        if not storage.exists(storage.join(uri, METADATA_FILE)):
+            continue
+        try:
+            metadata = read_metadata(uri)
+        except ExportError:
+            continue
+        if metadata.get("run_id") == run_id:
+            return PublishedVersion(model_name=model_name, version=version, uri=uri)
+    return None
 
 
 def publish_version(

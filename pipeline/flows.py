@@ -5,10 +5,19 @@ consume feedback -> promote. Thin: every step is a task in pipeline/tasks.py ove
 ``tfloop.feedback.received`` trigger starts (its ``reason``/``trigger`` parameters say which event crossed
 the threshold). Steps after the gate run only when it passes. The gate's decision is published as a
 markdown artifact (key ``gate-decision``) and the run's summary as ``loop-summary``.
+
+One loop run per model at a time: against a Prefect server a run holds the one slot of the global
+concurrency limit ``tfloop-loop-<model>`` (created on first use), so the nightly, feedback and manual
+deployments never overlap (a second run waits for the slot); without a server (``tfloop flows run
+--local``, the demo) it holds an OS file lock in the Prefect home instead, because the temporary servers
+of in-process runs do not share concurrency leases. Delivery options that cannot work are refused before
+anything is trained.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +60,33 @@ def _run_key() -> str:
     return str(run_id) if run_id else "local"
 
 
+# A lease outlives a renewal blip by this much; a crashed run's slot is freed by the server after it.
+LOOP_LEASE_S = 300.0
+
+
+@contextlib.contextmanager
+def one_run_per_model(settings: TfloopSettings) -> Iterator[None]:
+    """Hold the model's loop slot: the Prefect global concurrency limit, or a local file lock."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import get_current_settings
+
+    from pipeline.prefect_server import ensure_concurrency_limit
+
+    logger = get_run_logger()
+    name = loop.loop_limit_name(settings.model_name)
+    if get_current_settings().api.url:
+        ensure_concurrency_limit(name=name, limit=1)
+        logger.info("taking the one slot of concurrency limit %s (waits while another run holds it)", name)
+        with concurrency(
+            name, occupy=1, strict=True, lease_duration=LOOP_LEASE_S, raise_on_lease_renewal_failure=False
+        ):
+            yield
+        return
+    logger.info("no Prefect server: taking the local loop lock of %s", settings.model_name)
+    with loop.local_loop_lock(settings.prefect_home, settings.model_name):
+        yield
+
+
 def run_loop(
     *,
     settings: TfloopSettings,
@@ -61,9 +97,35 @@ def run_loop(
     delivery: DeliveryOptions,
     require_pending: bool,
 ) -> dict[str, Any]:
-    """The steps shared by both flows; returns :class:`pipeline.loop.LoopResult` as a dict."""
+    """The steps shared by both flows (one run per model at a time); returns :class:`loop.LoopResult`."""
+    loop.check_delivery(delivery)
+    with one_run_per_model(settings):
+        return _run_loop(
+            settings=settings,
+            reason=reason,
+            trigger=trigger,
+            training=training,
+            gate_options=gate_options,
+            delivery=delivery,
+            require_pending=require_pending,
+        )
+
+
+def _run_loop(
+    *,
+    settings: TfloopSettings,
+    reason: str,
+    trigger: dict[str, Any] | None,
+    training: TrainingOptions,
+    gate_options: GateOptions,
+    delivery: DeliveryOptions,
+    require_pending: bool,
+) -> dict[str, Any]:
     logger = get_run_logger()
     result = loop.LoopResult(reason=loop.describe_trigger(reason, trigger), model_name=settings.model_name)
+    result.live_version = loop.current_live_version(
+        model_base=settings.models_uri, model_name=settings.model_name
+    )
     logger.info("tfloop run: %s", result.reason)
     roots = tasks.gather_roots(data_uri=settings.dataset_uri, feedback_root=settings.feedback_root)
     if require_pending and not roots.pending_files:
@@ -89,8 +151,6 @@ def run_loop(
             model_name=settings.model_name,
             tracking_uri=settings.tracking_uri,
             roots=roots,
-            validation_fraction=training.validation_fraction,
-            min_images_per_label=training.min_images_per_label,
             cache_dir=str(settings.home_dir / "cache"),
         )
     )
@@ -127,13 +187,13 @@ def run_loop(
         options=delivery,
     )
     image = tasks.build_image(request)
-    rollout = tasks.roll_out(request, image.value)
+    rollout = tasks.roll_out(request, image)
     smoke = tasks.smoke_test(request, rollout)
     for step in (image, rollout, smoke):
         if not step.ran:
             result.skipped.append(step.detail)
         logger.info("%s", step.detail)
-    result.image = image.value
+    result.image = f"{image.value}@{image.digest}" if image.value and image.digest else image.value
     result.rollout = rollout.detail if rollout.ran else None
     result.smoke_test = smoke.detail if smoke.ran else None
 
@@ -141,11 +201,16 @@ def run_loop(
         feedback_root=settings.feedback_root, run_id=outcome.run_id, files=roots.pending_files
     )
     result.feedback_consumed = consumed.moved + consumed.already_moved
-    result.champion_alias = tasks.promote(
+    promotion = tasks.promote(
         model_name=settings.model_name,
-        registered_version=int(exported["registered_version"]),
+        model_base=settings.models_uri,
+        version=int(exported["version"]),
         tracking_uri=settings.tracking_uri,
+        promoted_by=f"flow run {_run_key()} (MLflow run {outcome.run_id})",
     )
+    result.champion_alias = promotion.champion_alias
+    result.live_version, result.live_previous = promotion.version, promotion.previous
+    result.promoted = True
     return _finish(result)
 
 

@@ -8,10 +8,11 @@ directly.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from pydantic import BaseModel, Field
 
 import storage
 from storage.layout import CONSUMED, PENDING
-from training.gate import EvaluationMetrics, GatePolicy
+from training.fit import TrainConfig, TrainingParameters
+from training.gate import GateItem, GatePolicy, ModelAnswers, ReferenceScores
 
 FEEDBACK_EVENT = "tfloop.feedback.received"
 
@@ -156,6 +158,9 @@ class LoopResult:
     smoke_test: str | None = None
     feedback_consumed: int = 0
     champion_alias: str | None = None
+    live_version: int | None = None
+    live_previous: int | None = None
+    promoted: bool = False
     skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +191,17 @@ def format_summary(result: LoopResult) -> str:
         lines.append(f"feedback consumed: {result.feedback_consumed} item(s)")
     if result.champion_alias:
         lines.append(f"champion: {result.champion_alias}")
+    if result.live_version is not None:
+        change = (
+            f"promoted (was {result.live_previous})"
+            if result.promoted and result.live_previous is not None
+            else "promoted"
+            if result.promoted
+            else "unchanged"
+        )
+        lines.append(f"live: version {result.live_version} ({change})")
+    else:
+        lines.append("live: no version yet")
     lines += [f"skipped: {reason}" for reason in result.skipped]
     return "\n".join(lines)
 
@@ -193,32 +209,24 @@ def format_summary(result: LoopResult) -> str:
 # --- parameters of the flows (typed, shown in the Prefect UI) ---
 
 
-class TrainingOptions(BaseModel):
-    """How to train a candidate; defaults are small enough for a CPU."""
+class TrainingOptions(TrainingParameters):
+    """How to train a candidate (the fields of :class:`training.fit.TrainingParameters`, among them the split
+    fractions ``validation_fraction`` and ``test_fraction``); defaults are small enough for a CPU."""
 
-    backbone: str = Field(
-        default="efficientnet_b0", description="vgg16, inception_v3 (GPU); efficientnet_b0, mobilenet_v2"
-    )
-    weights: str = Field(default="none", description="imagenet, none, or a path/gs:// URI of a weights file")
     image_size: int = Field(default=64, ge=32, le=512)
     epochs: int = Field(default=5, ge=1)
-    fine_tune_epochs: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=16, ge=1)
-    validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    min_images_per_label: int = Field(default=5, ge=1)
-    seed: int = 0
-    extra: dict[str, Any] = Field(default_factory=dict, description="More keyword arguments for training.")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="More training fields (override the ones above)."
+    )
+
+    def train_config(self, *, data: Sequence[str], model_name: str) -> TrainConfig:
+        """The run's :class:`training.fit.TrainConfig`: these fields, ``extra`` on top."""
+        fields = {**self.model_dump(exclude={"extra"}), **self.extra}
+        return TrainConfig(data=tuple(data), model_name=model_name, **fields)
 
 
-class GateOptions(BaseModel):
-    """The gate's margins and floors (fractions)."""
-
-    max_accuracy_drop: float = Field(default=0.01, ge=0.0, le=1.0)
-    max_macro_f1_drop: float = Field(default=0.01, ge=0.0, le=1.0)
-    max_corrected_accuracy_drop: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_accuracy: float = Field(default=0.5, ge=0.0, le=1.0)
-    min_macro_f1: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_corrected_items: int = Field(default=3, ge=1)
+class GateOptions(GatePolicy):
+    """The gate's margins, minimum counts and floors: the fields of :class:`training.gate.GatePolicy`."""
 
     def policy(self) -> GatePolicy:
         return GatePolicy(**self.model_dump())
@@ -238,7 +246,10 @@ class DeliveryOptions(BaseModel):
     kube_context: str | None = None
     namespace: str | None = None
     rollout_timeout_s: float = Field(default=600.0, gt=0)
-    serving_url: str | None = Field(default=None, description="A local serving process to smoke-test")
+    serving_url: str | None = Field(
+        default=None,
+        description="A serving process to smoke-test the candidate on (pinned version route)",
+    )
     smoke_timeout_s: float = Field(default=120.0, gt=0)
 
 
@@ -272,23 +283,9 @@ class TrainOutcome:
 
 def train_candidate(request: TrainRequest) -> TrainOutcome:
     """Train on all roots with training/'s trainer; resumes from ``checkpoint_dir`` after a crash."""
-    from training.train import TrainConfig, train
+    from training.train import train
 
-    options = request.options
-    config = TrainConfig(
-        data=tuple(request.roots.all),
-        backbone=options.backbone,
-        weights=options.weights,
-        image_size=options.image_size,
-        epochs=options.epochs,
-        fine_tune_epochs=options.fine_tune_epochs,
-        batch_size=options.batch_size,
-        validation_fraction=options.validation_fraction,
-        min_images_per_label=options.min_images_per_label,
-        seed=options.seed,
-        model_name=request.model_name,
-        **options.extra,
-    )
+    config = request.options.train_config(data=request.roots.all, model_name=request.model_name)
     result = train(
         config,
         checkpoint_dir=Path(request.checkpoint_dir),
@@ -310,64 +307,86 @@ def train_candidate(request: TrainRequest) -> TrainOutcome:
 
 @dataclass(frozen=True)
 class EvaluationRequest:
-    """Which candidate run to score against the current champion, on which data."""
+    """Which candidate run to score against the current champion, on which data (the split comes from
+    the run itself: its ``train_config.json`` and ``split.json``)."""
 
     run_id: str
     model_name: str
     tracking_uri: str
     roots: DatasetRoots
-    validation_fraction: float
-    min_images_per_label: int
     cache_dir: str
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Both models' metrics on the same held-out data, and which champion was compared."""
+    """Both models' answers on the same items (the run's test split, plus its corrected items of the
+    other splits for the flags), the reference scores to hold the candidate to, and the champion compared.
+
+    ``missing_test_items`` counts test images of the run that are no longer in the data (or now conflict).
+    """
 
     run_id: str
-    candidate: EvaluationMetrics
-    champion: EvaluationMetrics | None
+    items: tuple[GateItem, ...]
+    candidate: ModelAnswers
+    champion: ModelAnswers | None
+    reference: ReferenceScores | None = None
     champion_serving_version: int | None = None
     champion_registered_version: int | None = None
+    missing_test_items: int = 0
 
 
 def evaluate_candidate_and_champion(request: EvaluationRequest) -> Evaluation:
-    """Score the candidate (the run's Keras model) and the champion (its exported SavedModel) on the same
-    held-out records: the validation side of every root, corrected-label items marked as such."""
+    """Answer the run's test items with the candidate (the run's Keras model) and the champion (its
+    exported SavedModel); also the corrected items of the other splits (for the flags only).
+
+    The dataset is scanned with the run's own split settings, and the test items are the run's
+    ``split.json`` test hashes still present (the test split never moves an image, so every later run
+    tests on a superset). The reference is the champion run's ``gate/reference.json`` when it has one.
+    """
     from export.registry import champion_version
     from training import gate
     from training.data import scan_dataset
-    from training.evaluate import keras_predict_fn
+    from training.evaluate import keras_top1_fn
     from training.models import load_model
 
-    scanned = scan_dataset(
-        request.roots.all,
-        validation_fraction=request.validation_fraction,
-        min_images_per_label=request.min_images_per_label,
-        cache_dir=Path(request.cache_dir),
-        required_roots=[request.roots.base],
-    )
-    held_out = scanned.side("validation")
     feedback_roots = set(request.roots.feedback_roots)
     with tempfile.TemporaryDirectory(prefix="tfloop-gate-") as scratch:
-        model_path, labels, image_size = _download_candidate(
-            request.run_id, request.tracking_uri, Path(scratch)
+        run = _download_candidate(request.run_id, request.tracking_uri, Path(scratch))
+        scanned = scan_dataset(
+            request.roots.all,
+            validation_fraction=float(run.config["validation_fraction"]),
+            test_fraction=float(run.config["test_fraction"]),
+            min_images_per_label=int(run.config["min_images_per_label"]),
+            cache_dir=Path(request.cache_dir),
+            required_roots=[request.roots.base],
         )
-        candidate_predict = keras_predict_fn(load_model(model_path), labels, image_size=image_size)
-        candidate = gate.score_on_records(candidate_predict, held_out, corrected_roots=feedback_roots)
+        tested = set(run.split.get("test", []))
+        seen = tested | set(run.split.get("train", [])) | set(run.split.get("validation", []))
+        records = [
+            r
+            for r in scanned.records
+            if (r.side == "test" and r.sha256 in tested)
+            or (r.side != "test" and r.root in feedback_roots and r.sha256 in seen)
+        ]
+        items = gate.gate_items(records, corrected_roots=feedback_roots)
+        model = load_model(run.model_path)
+        candidate = gate.answer_records(keras_top1_fn(model, run.labels, image_size=run.image_size), records)
         champion_entry = champion_version(request.model_name, tracking_uri=request.tracking_uri)
-        champion = None
+        champion = reference = None
         if champion_entry is not None and champion_entry.export_uri:
             local_dir = _local_copy(champion_entry.export_uri, Path(scratch) / "champion")
-            champion_predict = gate.savedmodel_predict_fn(str(local_dir))
-            champion = gate.score_on_records(champion_predict, held_out, corrected_roots=feedback_roots)
+            champion = gate.answer_records(gate.savedmodel_predict_fn(str(local_dir)), records)
+            if champion_entry.run_id:
+                reference = _reference_of(champion_entry.run_id, request.tracking_uri, Path(scratch) / "ref")
     return Evaluation(
         run_id=request.run_id,
+        items=tuple(items),
         candidate=candidate,
         champion=champion,
+        reference=reference,
         champion_serving_version=champion_entry.serving_version if champion_entry else None,
         champion_registered_version=champion_entry.registered_version if champion_entry else None,
+        missing_test_items=len(tested - {item.sha256 for item in items if item.split == "test"}),
     )
 
 
@@ -375,22 +394,60 @@ def _local_copy(uri: str, target: Path) -> Path:
     return storage.download_tree(uri, target) if storage.is_gcs(uri) else storage.local_path(uri)
 
 
-def _download_candidate(run_id: str, tracking_uri: str, workdir: Path) -> tuple[Path, list[str], int]:
-    """The run's Keras model file, label list and input size (the artifacts docs/contracts.md names)."""
-    import json
+@dataclass(frozen=True)
+class CandidateRun:
+    """The artifacts of a training run the gate needs (the ones docs/contracts.md names)."""
 
+    model_path: Path
+    labels: list[str]
+    image_size: int
+    config: dict[str, Any]
+    split: dict[str, list[str]]
+
+
+def _fetch_artifact(run_id: str, artifact: str, tracking_uri: str, workdir: Path) -> Path:
     import mlflow.artifacts
 
-    def fetch(artifact: str) -> Path:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact, dst_path=str(workdir), tracking_uri=tracking_uri
-            )
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=str(workdir), tracking_uri=tracking_uri
         )
+    )
+
+
+def _download_candidate(run_id: str, tracking_uri: str, workdir: Path) -> CandidateRun:
+    """The run's Keras model file, label list, training config and split manifest."""
+    import json
+
+    from training.fit import SPLIT_ARTIFACT
+
+    def fetch(artifact: str) -> Path:
+        return _fetch_artifact(run_id, artifact, tracking_uri, workdir)
 
     labels = json.loads(fetch("labels.json").read_text())
     config = json.loads(fetch("train_config.json").read_text())
-    return fetch("model/model.keras"), [str(label) for label in labels], int(config["image_size"])
+    return CandidateRun(
+        model_path=fetch("model/model.keras"),
+        labels=[str(label) for label in labels],
+        image_size=int(config["image_size"]),
+        config=config,
+        split=json.loads(fetch(SPLIT_ARTIFACT).read_text()),
+    )
+
+
+def _reference_of(run_id: str, tracking_uri: str, workdir: Path) -> ReferenceScores | None:
+    """The reference scores a blessed run carries (``gate/reference.json``), or None if it has none."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    from training.gate import REFERENCE_ARTIFACT
+
+    try:
+        path = _fetch_artifact(run_id, REFERENCE_ARTIFACT, tracking_uri, workdir)
+    except (MlflowException, OSError):
+        return None
+    return ReferenceScores.from_dict(json.loads(path.read_text()))
 
 
 def export_candidate(*, run_id: str, model_base: str, model_name: str, tracking_uri: str) -> dict[str, Any]:
@@ -417,15 +474,23 @@ class DeliveryRequest:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """A delivery step that ran (``value`` is its product, e.g. the image reference) or was skipped."""
+    """A delivery step that ran (``value`` is its product, e.g. the image reference) or was skipped.
+
+    ``digest`` is the pushed image's manifest digest (``sha256:...``), what the rollout pins.
+    """
 
     ran: bool
     detail: str
     value: str | None = None
+    digest: str | None = None
 
 
 class DeliveryError(storage.TfloopError):
     """A rollout or smoke test failed (the previous version keeps serving)."""
+
+
+class RolledBackError(DeliveryError):
+    """A rollout failed and was rolled back: retrying it would repeat the same rollout, so it is final."""
 
 
 def cluster_configured(options: DeliveryOptions) -> str | None:
@@ -442,6 +507,35 @@ def cluster_configured(options: DeliveryOptions) -> str | None:
     if path.is_file():
         return None
     return f"no cluster configured (no kubeconfig at {path}, not in a pod)"
+
+
+REGISTRY_REQUIRED = (
+    "a cluster pulls images from a registry: set delivery.registry=HOST[:PORT] or delivery.rollout=false"
+)
+
+
+class DeliveryConfigError(DeliveryError):
+    """The delivery options cannot work (checked before training, so no training time is spent)."""
+
+
+def check_delivery(options: DeliveryOptions) -> None:
+    """Refuse delivery options that cannot succeed, before anything is trained.
+
+    With a cluster configured (kubeconfig or in a pod), rollout not disabled and an image to be built, the
+    image must be pushed to a registry the cluster can pull from.
+    """
+    if options.rollout is False or options.build_image is False:
+        return
+    if cluster_configured(options) is not None:
+        return
+    where = "" if options.kubeconfig is None else f" (kubeconfig {options.kubeconfig})"
+    if not options.registry:
+        raise DeliveryConfigError(f"{REGISTRY_REQUIRED}{where}")
+    if options.push is False:
+        raise DeliveryConfigError(
+            f"delivery.push=false with a cluster configured: the image would stay on this machine; "
+            f"{REGISTRY_REQUIRED} (and leave delivery.push unset)"
+        )
 
 
 def image_builder_missing() -> str | None:
@@ -485,13 +579,21 @@ def build_serving_image(request: DeliveryRequest) -> StepOutcome:
     if options.base_image:
         spec_fields["base_image"] = options.base_image
     built = build_image(ImageSpec(**spec_fields))
+    pinned = f"; pushed as {built.pinned}" if built.pinned else " (not pushed)"
     return StepOutcome(
-        ran=True, detail=f"built {built.image} ({built.digest}) with {built.builder}", value=built.image
+        ran=True,
+        detail=f"built {built.image} ({built.digest}) with {built.builder}{pinned}",
+        value=built.image,
+        digest=built.digest if built.pushed else None,
     )
 
 
-def roll_out_image(request: DeliveryRequest, *, image: str | None) -> StepOutcome:
-    """Roll ``image`` out (with its smoke test and automatic rollback); skip without an image or cluster."""
+def roll_out_image(request: DeliveryRequest, *, image: str | None, digest: str | None = None) -> StepOutcome:
+    """Roll ``image`` out (with its smoke test and automatic rollback); skip without an image or cluster.
+
+    ``digest`` pins the image: the Deployment runs ``repo@digest``. A failed rollout raises
+    :class:`RolledBackError` when it was rolled back (final: not retried), :class:`DeliveryError` otherwise.
+    """
     options = request.options
     if options.rollout is False:
         return StepOutcome(ran=False, detail="rollout disabled (delivery.rollout=false)")
@@ -510,22 +612,35 @@ def roll_out_image(request: DeliveryRequest, *, image: str | None) -> StepOutcom
         namespace=options.namespace,
     )
     target = DeployTarget(
-        image=image, model_name=request.model_name, version=request.version, run_id=request.run_id
+        image=image,
+        model_name=request.model_name,
+        version=request.version,
+        run_id=request.run_id,
+        digest=digest,
     )
     result = deploy(target, settings=settings, timeout_s=options.rollout_timeout_s, smoke=SmokeSettings())
     if not result.ok:
-        rolled_back = " (rolled back; the previous version keeps serving)" if result.rolled_back else ""
-        raise DeliveryError(f"rollout of {image} failed: {result.reason}{rolled_back}")
+        if result.rolled_back:
+            raise RolledBackError(
+                f"rollout of {target.reference} failed: {result.reason} (rolled back; the previous version "
+                "keeps serving). Not retried: fix the cause and start a new run."
+            )
+        raise DeliveryError(f"rollout of {target.reference} failed: {result.reason}")
     smoke = f"; smoke test: {result.smoke.message}" if result.smoke else ""
     return StepOutcome(
         ran=True,
-        detail=f"rolled out {image} to {result.namespace}/{result.deployment}{smoke}",
+        detail=f"rolled out {target.reference} to {result.namespace}/{result.deployment}{smoke}",
         value="smoke-tested" if result.smoke else None,
     )
 
 
 def smoke_test_serving(request: DeliveryRequest, *, rollout: StepOutcome) -> StepOutcome:
-    """After a rollout its own smoke test counts; else wait for a local serving URL to serve the version."""
+    """After a rollout its own smoke test counts; else smoke-test the candidate on a serving URL.
+
+    The candidate is asked on its pinned routes (``/v1/models/<name>/versions/<N>``): a serving process
+    loads a published version as candidate and answers pinned requests for it, while unpinned requests
+    keep getting the live version until promotion. Waits up to ``delivery.smoke_timeout_s`` for it to load.
+    """
     if rollout.ran:
         return StepOutcome(ran=True, detail=rollout.detail.split("; smoke test: ")[-1], value=rollout.value)
     url = request.options.serving_url
@@ -538,21 +653,105 @@ def smoke_test_serving(request: DeliveryRequest, *, rollout: StepOutcome) -> Ste
     deadline = time.monotonic() + request.options.smoke_timeout_s
     while True:
         result = smoke_test(
-            base_url=url, model_name=request.model_name, expected_version=request.version, timeout_s=10.0
+            base_url=url,
+            model_name=request.model_name,
+            expected_version=request.version,
+            timeout_s=10.0,
+            pinned=True,
         )
         if result.ok:
-            return StepOutcome(ran=True, detail=f"{url}: {result.message}", value=url)
+            return StepOutcome(ran=True, detail=f"{url} (candidate, pinned): {result.message}", value=url)
         if time.monotonic() >= deadline:
             raise DeliveryError(
-                f"smoke test of {url} failed: {result.message}; "
-                f"is the serving process watching {request.model_base}?"
+                f"smoke test of candidate version {request.version} at {url} failed after "
+                f"{request.options.smoke_timeout_s:.0f} s: {result.message}; is the serving process "
+                f"watching {request.model_base}? Nothing was promoted."
             )
         time.sleep(1.0)
 
 
-def promote_champion(*, model_name: str, registered_version: int, tracking_uri: str) -> str:
-    """Move the MLflow alias ``champion`` to ``registered_version``."""
-    from export.registry import promote
+@dataclass(frozen=True)
+class PromotionOutcome:
+    """What promotion did: the live version (and the one before it) and the registered ``champion``."""
 
-    promote(model_name, registered_version, tracking_uri=tracking_uri)
-    return f"{model_name} registered version {registered_version}"
+    version: int
+    previous: int | None
+    registered_version: int
+    live_pointer: str
+    champion_alias: str
+
+
+def promote_live(
+    *, model_name: str, model_base: str, version: int, tracking_uri: str, promoted_by: str
+) -> PromotionOutcome:
+    """Make ``version`` live: the live pointer beside the versions, then MLflow's ``champion`` alias."""
+    from export.registry import promote_version
+
+    promotion = promote_version(
+        model_name=model_name,
+        model_base=model_base,
+        version=version,
+        tracking_uri=tracking_uri,
+        promoted_by=promoted_by,
+    )
+    return PromotionOutcome(
+        version=promotion.version,
+        previous=promotion.previous,
+        registered_version=promotion.registered_version,
+        live_pointer=promotion.live_pointer,
+        champion_alias=f"{model_name} registered version {promotion.registered_version}",
+    )
+
+
+def current_live_version(*, model_base: str, model_name: str) -> int | None:
+    """The version unpinned requests get now (``storage.versions.live_version``)."""
+    from storage import versions
+
+    return versions.live_version(model_base, model_name)
+
+
+# --- one loop run per model at a time ---
+
+
+LOOP_LIMIT_PREFIX = "tfloop-loop-"
+
+
+def loop_limit_name(model_name: str) -> str:
+    """The name of the concurrency limit (one slot) that one model's loop runs share."""
+    return f"{LOOP_LIMIT_PREFIX}{model_name}"
+
+
+class LoopBusyError(storage.TfloopError):
+    """Another loop run of the same model holds the model's lock on this machine."""
+
+
+@contextlib.contextmanager
+def local_loop_lock(lock_dir: Path, model_name: str, *, wait_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive OS file lock ``<lock_dir>/<limit name>.lock`` while the block runs.
+
+    For runs without a Prefect server (``tfloop flows run --local``, the demo): their temporary Prefect
+    servers do not share concurrency leases. The operating system drops the lock when the process ends, so
+    a crashed run never leaves it held. ``wait_s`` None waits as long as it takes; otherwise
+    :class:`LoopBusyError` after ``wait_s`` seconds.
+    """
+    import fcntl
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{loop_limit_name(consumed_folder_name(model_name))}.lock"
+    with path.open("a+") as handle:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LoopBusyError(
+                        f"another loop run of {model_name} on this machine holds {path}; it runs one at a "
+                        "time: wait for it to finish"
+                    ) from None
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

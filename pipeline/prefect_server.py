@@ -203,6 +203,31 @@ def require_server(*, home: Path) -> str:
     return url
 
 
+def ensure_concurrency_limit(*, name: str, limit: int = 1, api_url: str | None = None) -> bool:
+    """Create the global concurrency limit ``name`` with ``limit`` slots when missing; True when created.
+
+    An existing limit is left as it is (an operator may have deactivated it on purpose). ``api_url`` None
+    uses the current Prefect settings (inside a flow run: the run's server).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    updates = {PREFECT_API_URL: api_url} if api_url else {}
+    with temporary_settings(updates), get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        except ObjectAlreadyExists:
+            return False
+        return True
+
+
 # --- deployments from flows.yaml ----------------------------------------------------------------------------
 
 FEEDBACK_TRIGGER_DEPLOYMENT = "feedback-retrain"
@@ -336,11 +361,14 @@ def deploy_flows(
     home: Path,
     options: DeployOptions,
     timeout_s: float = 300.0,
+    model_name: str | None = None,
 ) -> list[str]:
     """Deploy flows.yaml (with ``options`` applied) with ``prefect deploy --all``; the deployed names.
 
     The work pool is created first when missing. ``prefect deploy`` runs in ``project_dir`` so the
-    entrypoints and the default pull step (the working directory) point at this checkout.
+    entrypoints and the default pull step (the working directory) point at this checkout. Each
+    deployment's ``concurrency_limit`` (flows.yaml: one run at a time, ENQUEUE) is applied by Prefect;
+    with ``model_name`` the model's cross-deployment limit ``tfloop-loop-<model>`` is created too.
     """
     import yaml
 
@@ -373,4 +401,8 @@ def deploy_flows(
     if completed.returncode != 0 or "Skipping deployment configuration" in output:
         tail = "\n".join(output.splitlines()[-25:])
         raise PrefectServerError(f"`prefect deploy` failed (exit {completed.returncode}):\n{tail}")
+    if model_name:
+        from pipeline.loop import loop_limit_name
+
+        ensure_concurrency_limit(name=loop_limit_name(model_name), limit=1, api_url=api_url)
     return [str(deployment["name"]) for deployment in config["deployments"]]

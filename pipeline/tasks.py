@@ -5,17 +5,34 @@ backoff and have timeouts. Results are persisted (in Prefect's result storage un
 Prefect's default cache policy (inputs + task source + flow run id), so retrying a failed flow run reuses
 the steps that had finished instead of redoing them. Training keeps a checkpoint folder per flow run, so a
 retried training task resumes from its last checkpoint.
+
+Retries never duplicate: a retried export returns the version its run already has (export.api), promotion
+is idempotent, and a rollout that was rolled back (``loop.RolledBackError``) or a delivery that cannot work
+(``loop.DeliveryConfigError``) is final: :func:`retry_unless_final` refuses to retry it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from pipeline import loop
 from training import gate
+
+FINAL_ERRORS: tuple[type[BaseException], ...] = (loop.RolledBackError, loop.DeliveryConfigError)
+
+
+def retry_unless_final(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed task unless its error is final (:data:`FINAL_ERRORS`).
+
+    A rolled-back rollout is final: retrying it would roll the same image out again and roll it back again.
+    """
+    error = state.data
+    return not isinstance(error, FINAL_ERRORS)
+
 
 STORAGE_RETRIES: dict[str, Any] = {
     "retries": 3,
@@ -44,14 +61,21 @@ def train(request: loop.TrainRequest) -> loop.TrainOutcome:
     name="evaluate-candidate-and-champion", **STORAGE_RETRIES, timeout_seconds=ONE_HOUR, persist_result=True
 )
 def evaluate(request: loop.EvaluationRequest) -> loop.Evaluation:
-    """Score the candidate and the current champion on the same held-out data (corrected slice included)."""
+    """Both models answer the run's test items (corrected slice included) and its other corrected items."""
     return loop.evaluate_candidate_and_champion(request)
 
 
 @task(name="gate", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
 def decide(evaluation: loop.Evaluation, *, policy: gate.GatePolicy, tracking_uri: str) -> gate.GateDecision:
-    """Apply the gate and log the decision on the candidate's MLflow run."""
-    decision = gate.evaluate_gate(evaluation.candidate, evaluation.champion, policy=policy)
+    """Apply the gate (intervals, per class, corrected slice, reference) and log the decision, its markdown
+    table and per-class plot on the candidate's MLflow run; the flow publishes the returned decision."""
+    decision = gate.evaluate_gate(
+        evaluation.items,
+        evaluation.candidate,
+        evaluation.champion,
+        policy=policy,
+        reference=evaluation.reference,
+    )
     gate.log_gate_decision(decision, run_id=evaluation.run_id, tracking_uri=tracking_uri)
     return decision
 
@@ -74,15 +98,25 @@ def build_image(request: loop.DeliveryRequest) -> loop.StepOutcome:
     return loop.build_serving_image(request)
 
 
-@task(name="roll-out", retries=1, retry_delay_seconds=30, timeout_seconds=ONE_HOUR, persist_result=True)
-def roll_out(request: loop.DeliveryRequest, image: str | None) -> loop.StepOutcome:
-    """Roll the image out through the Kubernetes API (rollback on failure), or say why it was skipped."""
-    return loop.roll_out_image(request, image=image)
+@task(
+    name="roll-out",
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_unless_final,
+    timeout_seconds=ONE_HOUR,
+    persist_result=True,
+)
+def roll_out(request: loop.DeliveryRequest, image: loop.StepOutcome) -> loop.StepOutcome:
+    """Roll the built image out by digest (rollback on failure; a rolled-back rollout is not retried)."""
+    return loop.roll_out_image(request, image=image.value, digest=image.digest)
 
 
-@task(name="smoke-test", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+@task(name="smoke-test", timeout_seconds=FIVE_MINUTES, persist_result=True)
 def smoke_test(request: loop.DeliveryRequest, rollout: loop.StepOutcome) -> loop.StepOutcome:
-    """Check the served version answers (the rollout's smoke test, or the local serving URL)."""
+    """Check the candidate answers (the rollout's smoke test, or its pinned route on the serving URL).
+
+    Not retried: the check already waits up to ``delivery.smoke_timeout_s`` for the candidate to load.
+    """
     return loop.smoke_test_serving(request, rollout=rollout)
 
 
@@ -92,9 +126,15 @@ def consume_feedback(*, feedback_root: str, run_id: str, files: tuple[str, ...])
     return loop.consume_feedback(feedback_root=feedback_root, run_id=run_id, files=files)
 
 
-@task(name="promote-champion", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
-def promote(*, model_name: str, registered_version: int, tracking_uri: str) -> str:
-    """Point the MLflow alias ``champion`` at the new registered version."""
-    return loop.promote_champion(
-        model_name=model_name, registered_version=registered_version, tracking_uri=tracking_uri
+@task(name="promote", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def promote(
+    *, model_name: str, model_base: str, version: int, tracking_uri: str, promoted_by: str
+) -> loop.PromotionOutcome:
+    """Make the version live: the live pointer beside the versions and MLflow's ``champion`` alias."""
+    return loop.promote_live(
+        model_name=model_name,
+        model_base=model_base,
+        version=version,
+        tracking_uri=tracking_uri,
+        promoted_by=promoted_by,
     )

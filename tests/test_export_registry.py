@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict[str, str]:
-    """A tracking URI with one training run logged the way the training stage logs it."""
+    """A tracking URI with two training runs logged the way the training stage logs them."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -49,14 +49,21 @@ def store(tmp_path_factory) -> dict[str, str]:
             }
         )
     )
-    client.log_artifact(run_id, str(files / "model" / "model.keras"), artifact_path="model")
-    client.log_artifact(run_id, str(files / "labels.json"))
-    client.log_artifact(run_id, str(files / "train_config.json"))
-    client.log_param(run_id, "backbone", "tiny")
-    client.log_metric(run_id, "val_accuracy", 0.75)
-    client.log_metric(run_id, "val_macro_f1", 0.7)
-    client.set_terminated(run_id)
-    return {"tracking_uri": tracking_uri, "run_id": run_id, "root": str(root)}
+    run_ids = [run_id]
+    run_ids.append(
+        client.create_run(
+            experiment, tags={"tfloop.model_name": "shapes", "tfloop.dataset_fingerprint": "fp-2"}
+        ).info.run_id
+    )
+    for logged in run_ids:
+        client.log_artifact(logged, str(files / "model" / "model.keras"), artifact_path="model")
+        client.log_artifact(logged, str(files / "labels.json"))
+        client.log_artifact(logged, str(files / "train_config.json"))
+        client.log_param(logged, "backbone", "tiny")
+        client.log_metric(logged, "val_accuracy", 0.75)
+        client.log_metric(logged, "val_macro_f1", 0.7)
+        client.set_terminated(logged)
+    return {"tracking_uri": tracking_uri, "run_id": run_id, "run_id_2": run_ids[1], "root": str(root)}
 
 
 def test_export_run_publishes_registers_and_promotes(store, tmp_path):
@@ -66,6 +73,7 @@ def test_export_run_publishes_registers_and_promotes(store, tmp_path):
     from export.api import export_run
     from export.registry import champion_version, promote, version_by_alias
     from export.warmup import read_warmup_images
+    from storage import versions
 
     base = str(tmp_path / "models")
     image = encode(sample_pixels(11), "PNG")
@@ -94,8 +102,15 @@ def test_export_run_publishes_registers_and_promotes(store, tmp_path):
     assert "challenger" in registered.aliases
     assert champion_version("shapes", tracking_uri=store["tracking_uri"]) is None
 
-    second = export_run(store["run_id"], base=base, tracking_uri=store["tracking_uri"])
-    assert second.version == 2
+    again = export_run(store["run_id"], base=base, tracking_uri=store["tracking_uri"])
+    assert again.reused and again.version == 1 and again.path == first.path
+    assert again.registered_version == first.registered_version
+    assert versions.numbered_versions(base, "shapes") == [1]  # one folder ...
+    runs_versions = client.search_model_versions(f"name='shapes' and run_id='{store['run_id']}'")
+    assert [int(v.version) for v in runs_versions] == [first.registered_version]  # ... one registered version
+
+    second = export_run(store["run_id_2"], base=base, tracking_uri=store["tracking_uri"])
+    assert second.version == 2 and not second.reused
     warmup = read_warmup_images(Path(second.path, "assets.extra", "tf_serving_warmup_requests"))
     dataset_images = {p.read_bytes() for p in Path(store["root"], "data").glob("*/a.png")}
     assert dataset_images <= set(warmup)  # the dataset's images verify and warm up the model
@@ -133,10 +148,11 @@ def test_export_unknown_run_is_a_clear_error(store, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_export_json_and_no_register(store, tmp_path, monkeypatch):
+def test_cli_export_json_no_register_and_promote(store, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from pipeline.cli import app
+    from storage import TfloopError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["tracking_uri"])
     monkeypatch.setenv("TFLOOP_HOME", str(tmp_path / "home"))
@@ -158,10 +174,81 @@ def test_cli_export_json_and_no_register(store, tmp_path, monkeypatch):
     assert payload["registered_version"] is None
     assert payload["path"] == str(tmp_path / "home" / "models" / "shapes" / "1")  # default base
 
-    result = runner.invoke(app, ["promote", "1", "--model-name", "cli-shapes", "--json"])
+    result = runner.invoke(
+        app, ["promote", "1", "--model-name", "cli-shapes", "--model-base", base, "--json"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
-    assert payload["serving_version"] == 1 and payload["alias"] == "champion"
+    assert payload["version"] == 1 and payload["alias"] == "champion" and payload["previous"] is None
+    pointer = json.loads((Path(base) / "cli-shapes" / "live.json").read_text())
+    assert pointer["version"] == 1 and pointer["promoted_by"] == "tfloop promote"
+
+    # The unregistered version (exported with --no-register) cannot be promoted: one clear line.
+    result = runner.invoke(app, ["promote", "1", "--model-name", "shapes"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, TfloopError) and "not registered" in str(result.exception)
+    assert not (tmp_path / "home" / "models" / "shapes" / "live.json").exists()
+
+
+def test_export_registers_a_version_published_before_a_crash(store, tmp_path):
+    """A crash between publishing and registering leaves a published, unregistered version (what
+    ``register=False`` leaves); exporting the run again registers that version instead of a second one."""
+    from mlflow import MlflowClient
+
+    from export.api import export_run
+    from storage import versions
+
+    base = str(tmp_path / "models")
+    name = "crash-shapes"
+    published = export_run(
+        store["run_id"], base=base, tracking_uri=store["tracking_uri"], model_name=name, register=False
+    )
+    assert published.registered_version is None
+    retried = export_run(store["run_id"], base=base, tracking_uri=store["tracking_uri"], model_name=name)
+    assert retried.reused and retried.version == published.version == 1
+    assert retried.metadata["run_id"] == store["run_id"]
+    assert versions.numbered_versions(base, name) == [1]
+    client = MlflowClient(tracking_uri=store["tracking_uri"])
+    registered = client.search_model_versions(f"name='{name}'")
+    assert len(registered) == 1 and registered[0].tags["tfloop.serving_version"] == "1"
+    assert int(registered[0].version) == retried.registered_version
+    assert "challenger" in client.get_model_version(name, registered[0].version).aliases
+
+
+def test_promote_version_writes_the_live_pointer_and_moves_champion(store, tmp_path):
+    from export.api import export_model, export_run
+    from export.errors import PromotionError
+    from export.registry import champion_version, promote_version
+    from pipeline.loop import current_live_version
+    from storage import versions
+
+    base = str(tmp_path / "models")
+    name = "promo-shapes"
+    uri = store["tracking_uri"]
+    first = export_run(store["run_id"], base=base, tracking_uri=uri, model_name=name)
+    second = export_run(store["run_id_2"], base=base, tracking_uri=uri, model_name=name)
+    assert (first.version, second.version) == (1, 2)
+
+    promoted = promote_version(model_name=name, model_base=base, version=1, tracking_uri=uri, promoted_by="t")
+    pointer = json.loads(Path(base, name, "live.json").read_text())
+    assert pointer["version"] == 1 and pointer["promoted_by"] == "t" and pointer["promoted_at"]
+    assert promoted.registered_version == first.registered_version and promoted.pointer_written
+    assert champion_version(name, tracking_uri=uri).serving_version == 1
+    assert current_live_version(model_base=base, model_name=name) == 1  # not the newest (2)
+
+    promoted = promote_version(model_name=name, model_base=base, version=2, tracking_uri=uri)
+    assert versions.read_live_pointer(base, name).version == 2 and promoted.previous == 1
+    assert champion_version(name, tracking_uri=uri).registered_version == second.registered_version
+    again = promote_version(model_name=name, model_base=base, version=2, tracking_uri=uri)
+    assert not again.pointer_written and again.previous == 1  # a retry converges, history kept
+
+    with pytest.raises(PromotionError, match=r"not complete.*complete versions: \[1, 2\]"):
+        promote_version(model_name=name, model_base=base, version=7, tracking_uri=uri)
+    unregistered = export_model(tiny_model(seed=5), base=base, model_name=name, labels=LABELS)
+    with pytest.raises(PromotionError, match="not registered"):
+        promote_version(model_name=name, model_base=base, version=unregistered.version, tracking_uri=uri)
+    assert versions.read_live_pointer(base, name).version == 2  # a refused promotion wrote nothing
+    assert champion_version(name, tracking_uri=uri).serving_version == 2
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""CLI commands ``tfloop export`` (a training run -> next SavedModel version) and ``tfloop promote``."""
+"""CLI command ``tfloop export``: a training run -> the next SavedModel version (once per run)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pipeline.commands._output import emit_json, info
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to app."""
     app.command("export")(export_command)
-    app.command("promote")(promote_command)
 
 
 def export_command(
@@ -47,7 +46,9 @@ def export_command(
     """Export a training run's model as the next version: raw image bytes in, verified, published, registered.
 
     The SavedModel decodes JPEG/PNG/GIF/BMP, resizes and preprocesses inside the graph; it is reloaded and
-    compared with the Keras model before anything is published, and a version is never overwritten.
+    compared with the Keras model before anything is published, and a version is never overwritten. A run
+    that is already published below the base is not published again: its version is printed (and
+    registered, if a crash came between publishing and registering).
     """
     from export.api import export_run
     from pipeline.settings import TfloopSettings
@@ -69,6 +70,7 @@ def export_command(
                 "path": result.path,
                 "registered_version": result.registered_version,
                 "model_name": result.metadata.get("model_name"),
+                "reused": result.reused,
             }
         )
         return
@@ -77,41 +79,7 @@ def export_command(
         if result.registered_version is not None
         else ""
     )
+    verb = "already exported" if result.reused else "exported"
     typer.echo(
-        f"exported {result.metadata.get('model_name')} version {result.version} to {result.path}{registered}"
+        f"{verb} {result.metadata.get('model_name')} version {result.version} to {result.path}{registered}"
     )
-
-
-def promote_command(
-    version: Annotated[int, typer.Argument(help="Registered model version to promote.", min=1)],
-    model_name: Annotated[
-        str | None, typer.Option(help="Registered model name. Default: TFLOOP_MODEL_NAME.")
-    ] = None,
-    alias: Annotated[str, typer.Option(help="Alias to set.")] = "champion",
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(help="MLflow tracking URI. Default: MLFLOW_TRACKING_URI or SQLite in the state folder."),
-    ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
-) -> None:
-    """Point a registry alias (default champion) at a registered version; the gate does this automatically."""
-    from export.registry import promote, registered_version
-    from pipeline.settings import TfloopSettings
-
-    settings = TfloopSettings()
-    name = model_name or settings.model_name
-    uri = tracking_uri or settings.tracking_uri
-    promote(name, version, tracking_uri=uri, alias=alias)
-    promoted = registered_version(name, version, tracking_uri=uri)
-    if json_output:
-        emit_json(
-            {
-                "model_name": name,
-                "registered_version": version,
-                "alias": alias,
-                "serving_version": promoted.serving_version,
-                "path": promoted.export_uri,
-            }
-        )
-        return
-    typer.echo(f"{name} version {version} (serving version {promoted.serving_version}) is now {alias}")

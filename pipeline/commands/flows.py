@@ -104,9 +104,12 @@ def deploy(
     """Deploy flows.yaml to the Prefect server (like `prefect deploy --prefect-file flows.yaml --all`).
 
     Creates the work pool when missing (process pool `tfloop-local`, or the Kubernetes GPU pool from
-    k8s/manifests/prefect/gpu-job-template.json with --pool kubernetes-gpu). Start a worker afterwards
+    k8s/manifests/prefect/gpu-job-template.json with --pool kubernetes-gpu), applies each deployment's
+    concurrency limit (one run at a time; a colliding run is enqueued) and creates the model's global
+    concurrency limit tfloop-loop-<model> that all loop runs of the model share. Start a worker afterwards
     with `tfloop flows worker`.
     """
+    from pipeline.loop import loop_limit_name
     from pipeline.prefect_server import DeployOptions, deploy_flows, require_server
 
     settings = _settings()
@@ -124,13 +127,29 @@ def deploy(
         path = project / flows_file
     info(f"deploying {path} to {api_url}")
     deployed = deploy_flows(
-        flows_file=path, project_dir=project, api_url=api_url, home=settings.prefect_home, options=options
+        flows_file=path,
+        project_dir=project,
+        api_url=api_url,
+        home=settings.prefect_home,
+        options=options,
+        model_name=settings.model_name,
     )
     for deployment in deployed:
         info(f"deployed {FLOW_OF_DEPLOYMENT.get(deployment, '?')}/{deployment}")
+    info(
+        "one run at a time per deployment (a colliding run waits: ENQUEUE) and per model "
+        f"(global concurrency limit {loop_limit_name(settings.model_name)})"
+    )
     info("start a worker to run them: tfloop flows worker")
     if as_json:
-        emit_json({"api_url": api_url, "deployments": deployed, "pool": pool})
+        emit_json(
+            {
+                "api_url": api_url,
+                "deployments": deployed,
+                "pool": pool,
+                "concurrency_limit": loop_limit_name(settings.model_name),
+            }
+        )
 
 
 def _parse_params(values: list[str]) -> dict[str, Any]:
