@@ -70,6 +70,10 @@ class Cluster:
         return k8s_client.NetworkingV1Api(self.api_client)
 
     @property
+    def coordination(self) -> k8s_client.CoordinationV1Api:
+        return k8s_client.CoordinationV1Api(self.api_client)
+
+    @property
     def label(self) -> str:
         """How error messages name this cluster."""
         return f"context {self.context!r} ({self.server})" if self.context else self.server

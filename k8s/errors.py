@@ -35,3 +35,15 @@ class ClusterApiError(ClusterError):
 
 class InvalidTargetError(ClusterError):
     """The rollout target (image, model name, version) cannot be deployed as given."""
+
+
+class InvalidSettingsError(ClusterError):
+    """A serving or cluster setting cannot be used as given (malformed, or unsafe without being asked)."""
+
+
+class PodLocalFeedbackError(InvalidSettingsError):
+    """The feedback queue would live inside the pods (lost with them) and nobody asked for that."""
+
+
+class RolloutInProgressError(ClusterError):
+    """Another rollout holds the Deployment's Lease."""

@@ -8,14 +8,17 @@ here talks to a cluster.
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any
 
 import yaml
 
-from k8s.settings import DeployTarget, ServingSpec
+from k8s.settings import SECRET_DEFAULT_KEYS, DeployTarget, SecretRef, ServingSettings, ServingSpec
 
 NAME_LABEL = "app.kubernetes.io/name"
 PART_OF_LABEL = "app.kubernetes.io/part-of"
@@ -25,12 +28,32 @@ MODEL_VERSION_LABEL = "tfloop.io/model-version"
 MODEL_VERSION_ANNOTATION = "tfloop.io/model-version"
 RUN_ID_ANNOTATION = "tfloop.io/mlflow-run-id"
 IMAGE_ANNOTATION = "tfloop.io/image"
+SETTINGS_CHECKSUM_ANNOTATION = "tfloop.io/settings-checksum"
+GCP_SERVICE_ACCOUNT_ANNOTATION = "iam.gke.io/gcp-service-account"
 CHANGE_CAUSE_ANNOTATION = "kubernetes.io/change-cause"
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
 SERVING_CONTAINER = "serving"
 MODELS_DIR = "/models"
 CACHE_DIR = "/cache"
+GCP_KEY_VOLUME = "gcp-key"
+GCP_KEY_DIR = "/var/secrets/google"
+GCP_KEY_FILE = "key.json"
+
+# ConfigMap keys (serving/settings.py reads them) and the env variables filled from Secrets.
+FEEDBACK_URI_KEY = "TFLOOP_SERVE_FEEDBACK_URI"
+PREFECT_API_URL_KEY = "TFLOOP_SERVE_PREFECT_API_URL"
+DRAIN_KEY = "TFLOOP_SERVE_DRAIN_S"
+MODEL_NAME_ENV = "TFLOOP_SERVE_MODEL_NAME"
+VERSION_POLICY_ENV = "TFLOOP_SERVE_VERSION_POLICY"
+CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+SECRET_ENV = {
+    "prefect_api_key_secret": "PREFECT_API_KEY",
+    "token_secret": "TFLOOP_SERVE_TOKEN",
+    "feedback_secret": "TFLOOP_FEEDBACK_SECRET",
+}
+MANAGED_CONFIG_KEYS = (FEEDBACK_URI_KEY, PREFECT_API_URL_KEY)
+"""ConfigMap keys a deploy may remove (settings that can be cleared); other keys are only ever set."""
 
 Obj = dict[str, Any]
 
@@ -53,7 +76,11 @@ def model_labels(target: DeployTarget) -> dict[str, str]:
 
 
 def model_annotations(target: DeployTarget) -> dict[str, str]:
-    """Annotations naming what runs; the run id is always present ('' when unknown) so a patch replaces it."""
+    """Annotations naming what runs; the run id is always present ('' when unknown) so a patch replaces it.
+
+    ``tfloop.io/image`` is the image as the caller named it (its tag stays readable when the pod template
+    runs it by digest).
+    """
     return {
         MODEL_VERSION_ANNOTATION: str(target.version),
         RUN_ID_ANNOTATION: target.run_id or "",
@@ -66,29 +93,61 @@ def change_cause(target: DeployTarget) -> str:
     return f"tfloop deploy {target.model_name} v{target.version} ({target.image})"
 
 
-def service_account(spec: ServingSpec) -> Obj:
+def config_map_name(spec: ServingSpec) -> str:
+    return f"{spec.app_name}-settings"
+
+
+def service_account(spec: ServingSpec, settings: ServingSettings | None = None) -> Obj:
+    """The pods' identity; with Workload Identity it names the Google service account they act as."""
+    metadata = _metadata(spec)
+    if settings is not None and settings.gcp_service_account:
+        metadata["annotations"] = {GCP_SERVICE_ACCOUNT_ANNOTATION: settings.gcp_service_account}
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(spec),
+        "metadata": metadata,
         "automountServiceAccountToken": False,
     }
 
 
-def config_map(spec: ServingSpec) -> Obj:
+def config_map(spec: ServingSpec, settings: ServingSettings | None = None) -> Obj:
     """Serving settings that do not change per model version (``TFLOOP_SERVE_*``, see serving/settings.py)."""
+    settings = settings or ServingSettings()
+    data = {
+        "TFLOOP_SERVE_MODEL_BASE": MODELS_DIR,
+        "TFLOOP_SERVE_CACHE_DIR": f"{CACHE_DIR}/models",
+        FEEDBACK_URI_KEY: settings.effective_feedback_uri(),
+        "TFLOOP_SERVE_PORT": str(spec.port),
+        "TFLOOP_SERVE_LOG_LEVEL": "info",
+        DRAIN_KEY: str(spec.drain_s),
+    }
+    if settings.prefect_api_url:
+        data[PREFECT_API_URL_KEY] = settings.prefect_api_url
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(spec, f"{spec.app_name}-settings"),
-        "data": {
-            "TFLOOP_SERVE_MODEL_BASE": MODELS_DIR,
-            "TFLOOP_SERVE_CACHE_DIR": f"{CACHE_DIR}/models",
-            "TFLOOP_SERVE_FEEDBACK_URI": spec.feedback_uri,
-            "TFLOOP_SERVE_PORT": str(spec.port),
-            "TFLOOP_SERVE_LOG_LEVEL": "info",
-        },
+        "metadata": _metadata(spec, config_map_name(spec)),
+        "data": data,
     }
+
+
+def _secret_env(name: str, ref: SecretRef) -> Obj:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def serving_env(target: DeployTarget, settings: ServingSettings) -> list[Obj]:
+    """The serving container's env: the model pin, then values from Secrets, then the credentials file."""
+    env: list[Obj] = [
+        {"name": MODEL_NAME_ENV, "value": target.model_name},
+        {"name": VERSION_POLICY_ENV, "value": str(target.version)},
+    ]
+    for field_name, env_name in SECRET_ENV.items():
+        ref = getattr(settings, field_name)
+        if ref is not None:
+            env.append(_secret_env(env_name, ref))
+    if settings.gcp_key_secret is not None:
+        env.append({"name": CREDENTIALS_ENV, "value": f"{GCP_KEY_DIR}/{GCP_KEY_FILE}"})
+    return env
 
 
 def service(spec: ServingSpec) -> Obj:
@@ -113,9 +172,33 @@ def _probe(path: str, *, period_s: int, failure_threshold: int, timeout_s: int =
     }
 
 
-def deployment(spec: ServingSpec, *, target: DeployTarget) -> Obj:
-    """The serving Deployment for ``target``: zero-downtime rolling updates, probes, limits, non-root."""
+def deployment(spec: ServingSpec, *, target: DeployTarget, settings: ServingSettings | None = None) -> Obj:
+    """The serving Deployment for ``target``: zero-downtime rolling updates, probes, limits, non-root.
+
+    Pods sleep ``pre_stop_s`` in a ``preStop`` hook before SIGTERM (endpoints drop them first), then drain;
+    the image runs by digest when ``target`` has one.
+    """
+    settings = settings or ServingSettings()
     startup_period_s = 5
+    mounts: list[Obj] = [
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[Obj] = [
+        {"name": "cache", "emptyDir": {"sizeLimit": spec.cache_size_limit}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    if settings.gcp_key_secret is not None:
+        mounts.append({"name": GCP_KEY_VOLUME, "mountPath": GCP_KEY_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": GCP_KEY_VOLUME,
+                "secret": {
+                    "secretName": settings.gcp_key_secret.name,
+                    "items": [{"key": settings.gcp_key_secret.key, "path": GCP_KEY_FILE}],
+                },
+            }
+        )
     template_labels = {**common_labels(spec), **model_labels(target)}
     return {
         "apiVersion": "apps/v1",
@@ -147,7 +230,7 @@ def deployment(spec: ServingSpec, *, target: DeployTarget) -> Obj:
                 "spec": {
                     "serviceAccountName": spec.app_name,
                     "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": 30,
+                    "terminationGracePeriodSeconds": spec.termination_grace_s,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": spec.run_as_user,
@@ -158,14 +241,11 @@ def deployment(spec: ServingSpec, *, target: DeployTarget) -> Obj:
                     "containers": [
                         {
                             "name": SERVING_CONTAINER,
-                            "image": target.image,
+                            "image": target.reference,
                             "imagePullPolicy": "IfNotPresent",
                             "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
-                            "envFrom": [{"configMapRef": {"name": f"{spec.app_name}-settings"}}],
-                            "env": [
-                                {"name": "TFLOOP_SERVE_MODEL_NAME", "value": target.model_name},
-                                {"name": "TFLOOP_SERVE_VERSION_POLICY", "value": str(target.version)},
-                            ],
+                            "envFrom": [{"configMapRef": {"name": config_map_name(spec)}}],
+                            "env": serving_env(target, settings),
                             "resources": {
                                 "requests": {"cpu": spec.cpu_request, "memory": spec.memory_request},
                                 "limits": {"cpu": spec.cpu_limit, "memory": spec.memory_limit},
@@ -177,21 +257,26 @@ def deployment(spec: ServingSpec, *, target: DeployTarget) -> Obj:
                             ),
                             "readinessProbe": _probe("/readyz", period_s=5, failure_threshold=3),
                             "livenessProbe": _probe("/healthz", period_s=10, failure_threshold=3),
+                            "lifecycle": {
+                                "preStop": {
+                                    "exec": {
+                                        "command": [
+                                            "python",
+                                            "-c",
+                                            f"import time; time.sleep({spec.pre_stop_s})",
+                                        ]
+                                    }
+                                }
+                            },
                             "securityContext": {
                                 "allowPrivilegeEscalation": False,
                                 "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]},
                             },
-                            "volumeMounts": [
-                                {"name": "cache", "mountPath": CACHE_DIR},
-                                {"name": "tmp", "mountPath": "/tmp"},
-                            ],
+                            "volumeMounts": mounts,
                         }
                     ],
-                    "volumes": [
-                        {"name": "cache", "emptyDir": {"sizeLimit": spec.cache_size_limit}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
@@ -244,14 +329,18 @@ def network_policy(spec: ServingSpec) -> Obj:
 
 
 def serving_objects(
-    spec: ServingSpec, *, target: DeployTarget, network_policy_enabled: bool = False
+    spec: ServingSpec,
+    *,
+    target: DeployTarget,
+    settings: ServingSettings | None = None,
+    network_policy_enabled: bool = False,
 ) -> list[Obj]:
     """Every object of the serving stack, in apply order (the Deployment after what it references)."""
     objects = [
-        service_account(spec),
-        config_map(spec),
+        service_account(spec, settings),
+        config_map(spec, settings),
         service(spec),
-        deployment(spec, target=target),
+        deployment(spec, target=target, settings=settings),
         horizontal_pod_autoscaler(spec),
         pod_disruption_budget(spec),
     ]
@@ -411,18 +500,155 @@ def point_at(deployment_obj: Obj, *, target: DeployTarget) -> Obj:
     template.setdefault("metadata", {}).setdefault("labels", {}).update(model_labels(target))
     template["metadata"].setdefault("annotations", {}).update(model_annotations(target))
     container = serving_container(result)
-    container["image"] = target.image
+    container["image"] = target.reference
     env = [
         item
         for item in container.get("env", [])
-        if item.get("name") not in {"TFLOOP_SERVE_MODEL_NAME", "TFLOOP_SERVE_VERSION_POLICY"}
+        if item.get("name") not in {MODEL_NAME_ENV, VERSION_POLICY_ENV}
     ]
     container["env"] = [
-        {"name": "TFLOOP_SERVE_MODEL_NAME", "value": target.model_name},
-        {"name": "TFLOOP_SERVE_VERSION_POLICY", "value": str(target.version)},
+        {"name": MODEL_NAME_ENV, "value": target.model_name},
+        {"name": VERSION_POLICY_ENV, "value": str(target.version)},
         *env,
     ]
     return result
+
+
+def live_serving_settings(
+    *,
+    config_map_obj: Mapping[str, Any] | None,
+    deployment_obj: Mapping[str, Any] | None,
+    service_account_obj: Mapping[str, Any] | None,
+) -> ServingSettings:
+    """The serving settings the live objects carry (what a deploy that changes nothing keeps)."""
+    data = (config_map_obj or {}).get("data") or {}
+    annotations = ((service_account_obj or {}).get("metadata") or {}).get("annotations") or {}
+    refs: dict[str, SecretRef | None] = dict.fromkeys(SECRET_DEFAULT_KEYS)
+    if deployment_obj is not None:
+        container = serving_container(deployment_obj)
+        by_env = {item.get("name"): item for item in container.get("env") or []}
+        for field_name, env_name in SECRET_ENV.items():
+            ref = ((by_env.get(env_name) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("name") and ref.get("key"):
+                refs[field_name] = SecretRef(name=ref["name"], key=ref["key"])
+        for volume in deployment_obj["spec"]["template"]["spec"].get("volumes") or []:
+            secret = volume.get("secret") or {}
+            if volume.get("name") == GCP_KEY_VOLUME and secret.get("secretName"):
+                items = secret.get("items") or [{"key": GCP_KEY_FILE}]
+                refs["gcp_key_secret"] = SecretRef(name=secret["secretName"], key=items[0]["key"])
+    return ServingSettings(
+        feedback_uri=data.get(FEEDBACK_URI_KEY),
+        prefect_api_url=data.get(PREFECT_API_URL_KEY),
+        gcp_service_account=annotations.get(GCP_SERVICE_ACCOUNT_ANNOTATION),
+        **refs,
+    )
+
+
+def removing(
+    desired: Obj, *, live: Mapping[str, Any] | None, path: tuple[str, ...], keys: Iterable[str]
+) -> Obj:
+    """A copy of ``desired`` whose map at ``path`` sets each of ``keys`` that ``live`` has but it lacks to
+    None, so that applying it as a merge patch removes them (a setting that was cleared)."""
+    result = copy.deepcopy(desired)
+    have: Any = live or {}
+    for part in path:
+        have = have.get(part) if isinstance(have, Mapping) else None
+    gone = [key for key in keys if isinstance(have, Mapping) and key in have]
+    node = result
+    for part in path:
+        node = node.setdefault(part, {})
+    for key in gone:
+        if key not in node:
+            node[key] = None
+    return result
+
+
+def settings_checksum(data: Mapping[str, Any]) -> str:
+    """A short hash of a ConfigMap's data: in the pod template, a settings change rolls the pods."""
+    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_settings_checksum(deployment_obj: Obj, *, data: Mapping[str, Any]) -> Obj:
+    result = copy.deepcopy(deployment_obj)
+    annotations = result["spec"]["template"].setdefault("metadata", {}).setdefault("annotations", {})
+    annotations[SETTINGS_CHECKSUM_ANNOTATION] = settings_checksum(data)
+    return result
+
+
+def restorable(obj: Mapping[str, Any]) -> Obj:
+    """What a rollback puts back: the object without status, server-set metadata, the controller's revision
+    annotation and (for a Deployment) the replica count the HorizontalPodAutoscaler owns."""
+    result = {key: copy.deepcopy(value) for key, value in obj.items() if key not in {"status", "metadata"}}
+    metadata = obj.get("metadata") or {}
+    result["metadata"] = {
+        "labels": dict(metadata.get("labels") or {}),
+        "annotations": {
+            key: value
+            for key, value in (metadata.get("annotations") or {}).items()
+            if key != REVISION_ANNOTATION
+        },
+    }
+    if obj.get("kind") == "Deployment":
+        result.get("spec", {}).pop("replicas", None)
+    return result
+
+
+def restore_patch(current: Mapping[str, Any], previous: Mapping[str, Any]) -> Obj:
+    """The merge patch that puts ``previous`` (as it was read before a deploy) back over ``current``."""
+    patch = merge_patch(restorable(current), restorable(previous))
+    return patch if isinstance(patch, dict) else {}
+
+
+# ---- the rollout lease ---------------------------------------------------------------------------------
+
+
+def lease_name(spec: ServingSpec) -> str:
+    return f"{spec.app_name}-rollout"
+
+
+def micro_time(moment: datetime.datetime) -> str:
+    """A Kubernetes ``MicroTime`` (RFC 3339, microseconds, UTC)."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def rollout_lease(
+    spec: ServingSpec, *, holder: str, duration_s: int, now: datetime.datetime, transitions: int = 0
+) -> Obj:
+    """The ``coordination.k8s.io/v1`` Lease a rollout of ``spec.app_name`` holds while it runs."""
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": lease_name(spec),
+            "labels": {NAME_LABEL: spec.app_name, PART_OF_LABEL: "tfloop", COMPONENT_LABEL: "rollout"},
+        },
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": duration_s,
+            "acquireTime": micro_time(now),
+            "renewTime": micro_time(now),
+            "leaseTransitions": transitions,
+        },
+    }
+
+
+def lease_holder(lease: Mapping[str, Any]) -> str | None:
+    return (lease.get("spec") or {}).get("holderIdentity") or None
+
+
+def lease_expires_at(lease: Mapping[str, Any]) -> datetime.datetime | None:
+    """When the lease runs out (renew or acquire time plus its duration); None when it has no holder."""
+    spec = lease.get("spec") or {}
+    stamp = spec.get("renewTime") or spec.get("acquireTime")
+    if not lease_holder(lease) or not stamp:
+        return None
+    try:
+        renewed = datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if renewed.tzinfo is None:
+        renewed = renewed.replace(tzinfo=datetime.UTC)
+    return renewed + datetime.timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0))
 
 
 def serving_container(deployment_obj: Mapping[str, Any]) -> Obj:

@@ -20,18 +20,26 @@ from typing import Any
 
 from k8s import manifests
 from k8s.client import Cluster, call, connect, ensure_namespace, is_not_found
-from k8s.errors import ClusterApiError, ClusterError
-from k8s.settings import ClusterSettings, DeployTarget, ServingSpec
+from k8s.errors import ClusterApiError, ClusterError, PodLocalFeedbackError
+from k8s.lease import HeldLease, hold_rollout_lease
+from k8s.settings import ClusterSettings, DeployTarget, ServingSettings, ServingSpec, split_image
 from k8s.smoke import SmokeResult, SmokeSettings, forward_service, smoke_test
 
 MERGE_PATCH = "application/merge-patch+json"
 IMMEDIATELY_FATAL = {
+    "ErrImagePull",
     "ImagePullBackOff",
     "InvalidImageName",
     "CreateContainerConfigError",
     "ErrImageNeverPull",
 }
-FATAL_AFTER_RESTARTS = {"CrashLoopBackOff", "RunContainerError", "CreateContainerError", "ErrImagePull"}
+FATAL_AFTER_RESTARTS = {"CrashLoopBackOff", "RunContainerError", "CreateContainerError"}
+
+ROLLED_OUT = "rolled_out"
+ROLLED_BACK = "rolled_back"
+ROLLBACK_FAILED = "rollback_failed"
+FAILED = "failed"
+DRY_RUN = "dry_run"
 
 ProgressCallback = Callable[[str], None]
 
@@ -70,7 +78,15 @@ class WaitOutcome:
 
 @dataclass(kw_only=True)
 class RolloutResult:
-    """What happened: ``ok`` means the new version serves and passed its smoke test."""
+    """What happened: ``ok`` means the new version serves and passed its smoke test.
+
+    ``outcome`` says it in one word: ``rolled_out`` (ok), ``rolled_back`` (the new version failed and every
+    changed object was put back; the previous version serves: retrying the same image is pointless),
+    ``rollback_failed`` (put back, but the previous version did not become healthy again), ``failed``
+    (nothing to roll back to: a first rollout, or nothing had changed) or ``dry_run``. ``rolled_back`` is
+    True exactly when the previous state was restored (``restored``: objects patched back, ``deleted``:
+    objects this deploy had created), whatever ``rollback_ok`` then says about its health.
+    """
 
     ok: bool
     reason: str
@@ -79,6 +95,9 @@ class RolloutResult:
     image: str
     model_name: str
     model_version: int
+    outcome: str = FAILED
+    image_tag: str | None = None
+    image_digest: str | None = None
     previous_image: str | None = None
     previous_model_version: int | None = None
     revision: int | None = None
@@ -86,6 +105,12 @@ class RolloutResult:
     rollback_ok: bool | None = None
     dry_run: bool = False
     changed: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    serving_settings: dict[str, str | None] = field(default_factory=dict)
+    lease: str | None = None
+    lease_holder: str | None = None
     diff: str = ""
     events: list[str] = field(default_factory=list)
     pod_problems: list[PodProblem] = field(default_factory=list)
@@ -190,6 +215,8 @@ _KINDS: dict[str, tuple[str, str, str]] = {
     "PodDisruptionBudget": ("policy", "pod_disruption_budget", "poddisruptionbudgets"),
     "NetworkPolicy": ("networking", "network_policy", "networkpolicies"),
 }
+# Restored before the Deployment (its rollback pods read them), deleted after it.
+RESTORE_ORDER = ["ServiceAccount", "ConfigMap", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
 
 
 def _api(cluster: Cluster, kind: str, action: str) -> tuple[Callable[..., Any], str]:
@@ -231,6 +258,16 @@ def apply_object(
         name=name,
         _content_type=MERGE_PATCH,
     )
+
+
+def delete_object(cluster: Cluster, *, kind: str, name: str) -> None:
+    """Delete an object (gone already is fine)."""
+    method, plural = _api(cluster, kind, "delete")
+    try:
+        call(cluster, method, name, cluster.namespace, verb="delete", resource=plural, name=name)
+    except ClusterApiError as error:
+        if not is_not_found(error):
+            raise
 
 
 def owned_replicasets(cluster: Cluster, deployment: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -347,59 +384,6 @@ def _report(on_progress: ProgressCallback | None, message: str) -> None:
         on_progress(message)
 
 
-def roll_back(
-    cluster: Cluster,
-    *,
-    name: str,
-    previous_revision: int | None,
-    previous_metadata: Mapping[str, Any] | None,
-) -> dict[str, Any] | None:
-    """Restore the previous ReplicaSet's pod template into the Deployment (``kubectl rollout undo``).
-
-    Returns the patched Deployment, or None when there is no previous revision to go back to. The
-    Deployment's own model labels and annotations are restored too, so it names what it runs again.
-    """
-    deployment = read_object(cluster, kind="Deployment", name=name)
-    if deployment is None:
-        return None
-    target = manifests.rollback_replicaset(
-        owned_replicasets(cluster, deployment), deployment_obj=deployment, previous_revision=previous_revision
-    )
-    if target is None:
-        return None
-    template = manifests.template_without_hash(target["spec"]["template"])
-    patch: dict[str, Any] = {
-        "spec": {"template": manifests.merge_patch(deployment["spec"]["template"], template)}
-    }
-    if previous_metadata is not None:
-        patch["metadata"] = {
-            part: _restore_tfloop_keys(
-                deployment["metadata"].get(part) or {}, previous_metadata.get(part) or {}
-            )
-            for part in ("labels", "annotations")
-        }
-    return call(
-        cluster,
-        cluster.apps.patch_namespaced_deployment,
-        name,
-        cluster.namespace,
-        patch,
-        verb="patch",
-        resource="deployments",
-        name=name,
-        _content_type=MERGE_PATCH,
-    )
-
-
-def _restore_tfloop_keys(current: Mapping[str, str], previous: Mapping[str, str]) -> dict[str, str | None]:
-    keys = {
-        key
-        for key in (*current, *previous)
-        if key.startswith("tfloop.io/") or key == manifests.CHANGE_CAUSE_ANNOTATION
-    }
-    return {key: previous.get(key) for key in keys if current.get(key) != previous.get(key)}
-
-
 # ---- the rollout -------------------------------------------------------------------------------------
 
 
@@ -408,6 +392,8 @@ def deploy(
     *,
     settings: ClusterSettings,
     spec: ServingSpec | None = None,
+    serving: ServingSettings | None = None,
+    allow_pod_local_feedback: bool = False,
     timeout_s: float = 600.0,
     dry_run: bool = False,
     smoke: SmokeSettings | None = None,
@@ -417,30 +403,121 @@ def deploy(
 ) -> RolloutResult:
     """Roll ``target`` out, verify it, and roll back on failure; see the module docstring.
 
-    Raises ``ClusterError`` subclasses for problems a user must fix before anything can be rolled out
-    (kubeconfig, context, unreachable server, RBAC, missing namespace). A rollout that fails after it
-    began is not an exception: the result has ``ok=False``, the reason, and whether the rollback worked.
+    ``serving`` holds the serving settings this deploy changes (None fields keep what the cluster has);
+    a feedback queue inside the pods is refused unless ``allow_pod_local_feedback``. Raises
+    ``ClusterError`` subclasses for problems a user must fix before anything can be rolled out
+    (kubeconfig, context, unreachable server, RBAC, missing namespace, another rollout holding the Lease,
+    unsafe settings). A rollout that fails after it began is not an exception: the result has
+    ``ok=False``, ``outcome``, the reason, and whether the rollback worked.
     """
     spec = spec or ServingSpec()
     smoke = smoke or SmokeSettings()
     started = time.monotonic()
     cluster = connect(settings=settings)
     try:
-        result = _deploy(
-            cluster,
-            target,
-            spec=spec,
-            settings=settings,
-            timeout_s=timeout_s,
-            dry_run=dry_run,
-            smoke=smoke,
-            network_policy=network_policy,
-            crashloop_restarts=crashloop_restarts,
-            on_progress=on_progress,
+        ensure_namespace(cluster)
+        lease_context = (
+            contextlib.nullcontext(None)
+            if dry_run
+            else hold_rollout_lease(cluster, spec=spec, duration_s=settings.lease_duration_s)
         )
+        with lease_context as lease:
+            if lease is not None and lease.took_over:
+                _report(on_progress, f"took over expired rollout Lease {lease.name} from {lease.took_over}")
+            result = _deploy(
+                cluster,
+                target,
+                spec=spec,
+                serving=serving or ServingSettings(),
+                allow_pod_local_feedback=allow_pod_local_feedback,
+                settings=settings,
+                timeout_s=timeout_s,
+                dry_run=dry_run,
+                smoke=smoke,
+                network_policy=network_policy,
+                crashloop_restarts=crashloop_restarts,
+                on_progress=on_progress,
+            )
+        if lease is not None:
+            _note_lease(result, lease)
     finally:
         cluster.close()
     result.duration_s = round(time.monotonic() - started, 3)
+    return result
+
+
+def _note_lease(result: RolloutResult, lease: HeldLease) -> None:
+    result.lease, result.lease_holder = lease.name, lease.holder
+    if lease.took_over:
+        result.notes.append(f"took over the expired rollout Lease {lease.name} from {lease.took_over}")
+    if lease.lost:
+        result.notes.append(f"warning: {lease.lost}; another deploy may have run at the same time")
+
+
+def resolve_serving_settings(
+    requested: ServingSettings,
+    *,
+    live: Mapping[str, dict[str, Any] | None],
+    spec: ServingSpec,
+    allow_pod_local_feedback: bool,
+) -> ServingSettings:
+    """The settings this deploy applies: ``requested`` over what the live objects carry; refuses a feedback
+    queue inside the pods unless allowed."""
+    current = manifests.live_serving_settings(
+        config_map_obj=live.get(f"ConfigMap/{manifests.config_map_name(spec)}"),
+        deployment_obj=live.get(f"Deployment/{spec.app_name}"),
+        service_account_obj=live.get(f"ServiceAccount/{spec.app_name}"),
+    )
+    resolved = requested.over(current)
+    if resolved.feedback_in_pod() and not allow_pod_local_feedback:
+        uri = resolved.effective_feedback_uri()
+        where = "the default" if resolved.feedback_uri is None else "set"
+        raise PodLocalFeedbackError(
+            f"the feedback queue would be {uri} ({where}), a folder inside each serving pod: corrected "
+            "labels would be lost with the pod and split across replicas. Pass "
+            "--feedback-uri gs://bucket/feedback (with --gcp-service-account or --gcp-key-secret so "
+            "serving may write there), or "
+            "--allow-pod-local-feedback to accept a pod-local queue (demos, tests)"
+        )
+    return resolved
+
+
+def desired_objects(
+    spec: ServingSpec,
+    *,
+    target: DeployTarget,
+    settings: ServingSettings,
+    live: Mapping[str, dict[str, Any] | None],
+    network_policy: bool,
+) -> list[dict[str, Any]]:
+    """The objects to apply over ``live``: cleared settings removed, the settings checksum in the pod
+    template (a settings change rolls the pods), ``spec.replicas`` left to the HPA on updates."""
+    desired = []
+    config_data: dict[str, Any] = {}
+    for obj in manifests.serving_objects(
+        spec, target=target, settings=settings, network_policy_enabled=network_policy
+    ):
+        key = manifests.object_key(obj)
+        if obj["kind"] == "ConfigMap":
+            obj = manifests.removing(
+                obj, live=live.get(key), path=("data",), keys=manifests.MANAGED_CONFIG_KEYS
+            )
+            config_data = manifests.apply_merge_patch(live.get(key) or {}, obj).get("data") or {}
+        elif obj["kind"] == "ServiceAccount":
+            obj = manifests.removing(
+                obj,
+                live=live.get(key),
+                path=("metadata", "annotations"),
+                keys=[manifests.GCP_SERVICE_ACCOUNT_ANNOTATION],
+            )
+        desired.append(obj)
+    result = []
+    for obj in desired:
+        if obj["kind"] == "Deployment":
+            obj = manifests.with_settings_checksum(obj, data=config_data)
+            if live.get(manifests.object_key(obj)) is not None:
+                obj = manifests.without_replicas(obj)
+        result.append(obj)
     return result
 
 
@@ -449,6 +526,8 @@ def _deploy(
     target: DeployTarget,
     *,
     spec: ServingSpec,
+    serving: ServingSettings,
+    allow_pod_local_feedback: bool,
     settings: ClusterSettings,
     timeout_s: float,
     dry_run: bool,
@@ -457,28 +536,35 @@ def _deploy(
     crashloop_restarts: int,
     on_progress: ProgressCallback | None,
 ) -> RolloutResult:
-    ensure_namespace(cluster)
-    desired = manifests.serving_objects(spec, target=target, network_policy_enabled=network_policy)
+    plan = manifests.serving_objects(spec, target=target, network_policy_enabled=network_policy)
     live = {
         manifests.object_key(obj): read_object(cluster, kind=obj["kind"], name=obj["metadata"]["name"])
-        for obj in desired
+        for obj in plan
     }
-    live_deployment = live[f"Deployment/{spec.app_name}"]
-    if live_deployment is not None:
-        # The HorizontalPodAutoscaler owns the replica count once the Deployment exists.
-        desired = [manifests.without_replicas(obj) if obj["kind"] == "Deployment" else obj for obj in desired]
+    resolved = resolve_serving_settings(
+        serving, live=live, spec=spec, allow_pod_local_feedback=allow_pod_local_feedback
+    )
+    desired = desired_objects(
+        spec, target=target, settings=resolved, live=live, network_policy=network_policy
+    )
+    deployment_key = f"Deployment/{spec.app_name}"
+    live_deployment = live[deployment_key]
     previous_image, previous_version = previous_model(live_deployment) if live_deployment else (None, None)
+    _, image_tag, _ = split_image(target.image)
     result = RolloutResult(
         ok=False,
         reason="",
         deployment=spec.app_name,
         namespace=cluster.namespace,
-        image=target.image,
+        image=target.reference,
+        image_tag=image_tag,
+        image_digest=target.image_digest,
         model_name=target.model_name,
         model_version=target.version,
         previous_image=previous_image,
         previous_model_version=previous_version,
         dry_run=dry_run,
+        serving_settings=resolved.to_dict(),
     )
     diffs = {
         manifests.object_key(obj): manifests.diff_objects(
@@ -489,7 +575,7 @@ def _deploy(
     result.changed = [key for key, text in diffs.items() if text]
     result.diff = "".join(diffs.values())
     if dry_run:
-        result.ok = True
+        result.ok, result.outcome = True, DRY_RUN
         result.reason = (
             f"dry run: {len(result.changed)} object(s) would change"
             if result.changed
@@ -497,19 +583,28 @@ def _deploy(
         )
         return result
 
-    for obj in desired:
-        key = manifests.object_key(obj)
-        if obj["kind"] != "Deployment" and key in result.changed:
-            _report(on_progress, f"{'updating' if live[key] else 'creating'} {key}")
-            apply_object(cluster, obj, live=live[key])
-    previous_revision = manifests.revision(live_deployment) if live_deployment else None
-    template_changes = live_deployment is not None and f"Deployment/{spec.app_name}" in result.changed
-    _report(
-        on_progress, f"rolling {spec.app_name} out to {target.model_name} v{target.version} ({target.image})"
-    )
-    deployment = apply_object(
-        cluster, next(obj for obj in desired if obj["kind"] == "Deployment"), live=live_deployment
-    )
+    applied: list[str] = []
+    try:
+        for obj in desired:
+            key = manifests.object_key(obj)
+            if obj["kind"] != "Deployment" and key in result.changed:
+                _report(on_progress, f"{'updating' if live[key] else 'creating'} {key}")
+                apply_object(cluster, obj, live=live[key])
+                applied.append(key)
+        _report(
+            on_progress,
+            f"rolling {spec.app_name} out to {target.model_name} v{target.version} ({target.reference})",
+        )
+        deployment = apply_object(
+            cluster, next(obj for obj in desired if obj["kind"] == "Deployment"), live=live_deployment
+        )
+        if deployment_key in result.changed:
+            applied.append(deployment_key)
+    except ClusterError:
+        if live_deployment is not None:
+            with contextlib.suppress(ClusterError):
+                _restore(cluster, applied=applied, previous=live, result=result, on_progress=on_progress)
+        raise
     result.revision = manifests.revision(deployment) or None
 
     outcome = wait_for_rollout(
@@ -522,48 +617,28 @@ def _deploy(
     )
     if outcome.ok and smoke.enabled:
         _report(on_progress, f"smoke test: {target.model_name} v{target.version}")
-        try:
-            with _smoke_url(cluster, spec=spec, smoke=smoke, in_cluster=settings.in_cluster) as url:
-                result.smoke = smoke_test(
-                    base_url=url,
-                    model_name=target.model_name,
-                    expected_version=target.version,
-                    sample_image=smoke.sample_image,
-                    predict=smoke.predict,
-                    timeout_s=smoke.timeout_s,
-                )
-        except ClusterError as error:
-            outcome = WaitOutcome(ok=False, reason=f"smoke test could not reach the service: {error}")
-        else:
-            if not result.smoke.ok:
-                outcome = WaitOutcome(
-                    ok=False, reason=f"smoke test failed at {result.smoke.url}: {result.smoke.message}"
-                )
+        smoked = _smoke(cluster, target=target, spec=spec, smoke=smoke, settings=settings, result=result)
+        outcome = outcome if smoked.ok else smoked
     latest = read_object(cluster, kind="Deployment", name=spec.app_name) or deployment
     result.revision = manifests.revision(latest) or result.revision
     result.events, result.pod_problems = outcome.events, outcome.problems
     if outcome.ok:
-        result.ok, result.reason = True, outcome.reason
+        result.ok, result.outcome, result.reason = True, ROLLED_OUT, outcome.reason
         return result
 
     result.reason = outcome.reason
-    if not template_changes:
-        result.reason += " (nothing to roll back to: " + (
-            "this was the first rollout)"
-            if live_deployment is None
-            else "the Deployment already ran this template)"
+    if live_deployment is None:
+        result.reason += " (nothing to roll back to: this was the first rollout)"
+        result.notes.append(
+            "first rollout failed: the objects it created are left in place for inspection "
+            f"(kubectl describe deployment {spec.app_name} -n {cluster.namespace}): " + ", ".join(applied)
         )
         return result
-    _report(on_progress, f"rollout failed: {outcome.reason}; rolling back to {previous_image}")
-    restored = roll_back(
-        cluster,
-        name=spec.app_name,
-        previous_revision=previous_revision,
-        previous_metadata=(live_deployment or {}).get("metadata"),
-    )
-    if restored is None:
-        result.reason += " (no previous ReplicaSet found to roll back to)"
+    if not applied:
+        result.reason += " (nothing to roll back to: the Deployment already ran this template)"
         return result
+    _report(on_progress, f"rollout failed: {outcome.reason}; rolling back to {previous_image}")
+    _restore(cluster, applied=applied, previous=live, result=result, on_progress=on_progress)
     result.rolled_back = True
     back = wait_for_rollout(
         cluster,
@@ -574,6 +649,7 @@ def _deploy(
         on_progress=on_progress,
     )
     result.rollback_ok = back.ok
+    result.outcome = ROLLED_BACK if back.ok else ROLLBACK_FAILED
     result.revision = (
         manifests.revision(read_object(cluster, kind="Deployment", name=spec.app_name) or {}) or None
     )
@@ -583,6 +659,83 @@ def _deploy(
         else f"; rollback to {previous_image} did not become healthy: {back.reason}"
     )
     return result
+
+
+def _restore(
+    cluster: Cluster,
+    *,
+    applied: list[str],
+    previous: Mapping[str, dict[str, Any] | None],
+    result: RolloutResult,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Put every object in ``applied`` back as ``previous`` had it: patched back, or deleted when this deploy
+    created it. Settings objects go first (the rollback's pods read them), creations are undone last."""
+    rank = {kind: index for index, kind in enumerate([*RESTORE_ORDER, "Deployment", "NetworkPolicy"])}
+    created = [key for key in applied if previous.get(key) is None]
+    for key in sorted((key for key in applied if key not in created), key=lambda k: rank[k.split("/")[0]]):
+        kind, name = key.split("/", 1)
+        current = read_object(cluster, kind=kind, name=name)
+        before = previous[key]
+        if before is None:
+            continue
+        if current is None:
+            _report(on_progress, f"re-creating {key}")
+            body = manifests.restorable(before)
+            body["metadata"]["name"] = name
+            apply_object(cluster, body, live=None)
+            result.restored.append(key)
+            continue
+        patch = manifests.restore_patch(current, before)
+        if patch:
+            _report(on_progress, f"restoring {key}")
+            method, plural = _api(cluster, kind, "patch")
+            call(
+                cluster,
+                method,
+                name,
+                cluster.namespace,
+                patch,
+                verb="patch",
+                resource=plural,
+                name=name,
+                _content_type=MERGE_PATCH,
+            )
+        result.restored.append(key)
+    for key in created:
+        kind, name = key.split("/", 1)
+        _report(on_progress, f"deleting {key} (this deploy created it)")
+        delete_object(cluster, kind=kind, name=name)
+        result.deleted.append(key)
+
+
+def _smoke(
+    cluster: Cluster,
+    *,
+    target: DeployTarget,
+    spec: ServingSpec,
+    smoke: SmokeSettings,
+    settings: ClusterSettings,
+    result: RolloutResult,
+) -> WaitOutcome:
+    try:
+        with _smoke_url(cluster, spec=spec, smoke=smoke, in_cluster=settings.in_cluster) as url:
+            result.smoke = smoke_test(
+                base_url=url,
+                model_name=target.model_name,
+                expected_version=target.version,
+                sample_image=smoke.sample_image,
+                predict=smoke.predict,
+                timeout_s=smoke.timeout_s,
+                pinned=smoke.pinned,
+            )
+    except ClusterError as error:
+        return WaitOutcome(ok=False, reason=f"smoke test could not reach the service: {error}")
+    if not result.smoke.ok:
+        return WaitOutcome(
+            ok=False, reason=f"smoke test failed at {result.smoke.url}: {result.smoke.message}"
+        )
+    return WaitOutcome(ok=True, reason=result.smoke.message)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """Smoke test of a rolled-out model over the TF Serving REST API, and a port-forward to reach it.
 
-:func:`smoke_test` is plain HTTP (``GET /v1/models/<name>``, then one ``:predict`` with a sample image) so it
-works against any base URL: a port-forward opened by :func:`forward_service`, the in-cluster Service DNS
-name, an ingress, or a local server in tests.
+:func:`smoke_test` is plain HTTP, on the version's own routes by default
+(``GET /v1/models/<name>/versions/<v>``, then one ``POST /v1/models/<name>/versions/<v>:predict`` with a
+sample image; a server without version routes is asked on ``/v1/models/<name>``), so it works against any
+base URL: a port-forward opened by :func:`forward_service`, the in-cluster Service DNS name, an ingress, or
+a local server in tests.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SmokeSettings:
     sample_image: bytes | None = None
     timeout_s: float = 30.0
     predict: bool = True
+    pinned: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +44,7 @@ class SmokeResult:
     expected_version: int
     reported_versions: list[str]
     message: str
+    route: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,18 +77,24 @@ def smoke_test(
     sample_image: bytes | None = None,
     predict: bool = True,
     timeout_s: float = 30.0,
-    pinned: bool = False,
+    pinned: bool | None = None,
 ) -> SmokeResult:
     """Check that ``model_name`` version ``expected_version`` is AVAILABLE and answers one prediction.
 
-    ``pinned`` asks the version's own routes (``/v1/models/<name>/versions/<N>``): how a candidate that is
-    loaded but not live yet is tested before promotion.
+    ``pinned`` True asks only the version's own routes (``/v1/models/<name>/versions/<N>``): how a candidate
+    that is loaded but not live yet is tested before promotion; False only the model's routes. None (the
+    default) prefers the version's routes, which answer only when that very version is loaded, and falls
+    back to the model's when the server has no version routes (404).
     """
     url = base_url.rstrip("/")
-    model_path = f"/v1/models/{model_name}" + (f"/versions/{expected_version}" if pinned else "")
+    model_path = f"/v1/models/{model_name}" + (f"/versions/{expected_version}" if pinned is not False else "")
     try:
         with httpx.Client(base_url=url, timeout=timeout_s) as http:
             status = http.get(model_path)
+            if status.status_code == 404 and pinned is None:
+                fallback = http.get(f"/v1/models/{model_name}")
+                if fallback.status_code == 200:
+                    model_path, status = f"/v1/models/{model_name}", fallback
             if status.status_code != 200:
                 return _failed(
                     url,
@@ -120,7 +130,10 @@ def smoke_test(
         url=url,
         expected_version=expected_version,
         reported_versions=available,
-        message=f"version {expected_version} is AVAILABLE" + (" and predicts" if predict else ""),
+        message=f"version {expected_version} is AVAILABLE"
+        + (" and predicts" if predict else "")
+        + f" ({model_path})",
+        route=model_path,
     )
 
 

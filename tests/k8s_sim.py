@@ -5,19 +5,24 @@ patch; it runs no controllers. This module adds, honestly and only as far as tfl
 
 * server behaviour kmock lacks, in :class:`ClusterEmulator` (done inside the request, as the real API
   server does it): ``metadata.generation`` (1 on create, +1 when ``spec`` changes), ``uid``,
-  ``resourceVersion``; Namespace objects (``GET /api/v1/namespaces/NAME``) and 404 for writes into a
-  missing namespace; RBAC refusals (403 ``Status`` for a chosen verb and resource, before anything is
-  stored). Gaps that stay: no strategic-merge or server-side-apply patches (tfloop sends JSON merge
-  patches, which both kmock and real servers understand), no PUT, no field/label selectors on the
-  server side (tfloop filters lists itself as well), no websockets (port-forward is only covered by the
-  opt-in real-cluster test).
+  ``resourceVersion`` (and its precondition: a PATCH that names an older ``metadata.resourceVersion``
+  gets 409 Conflict, as optimistic concurrency on a real server); Namespace objects
+  (``GET /api/v1/namespaces/NAME``) and 404 for writes into a missing namespace; RBAC refusals (403
+  ``Status`` for a chosen verb and resource, before anything is stored); the resources kmock does not
+  declare by itself (ReplicaSets, Secrets, ``coordination.k8s.io/v1`` Leases, ...). Gaps that stay: no
+  strategic-merge or server-side-apply patches (tfloop sends JSON merge patches, which both kmock and
+  real servers understand), no PUT, no field/label selectors on the server side (tfloop filters lists
+  itself as well), no websockets (port-forward is only covered by the opt-in real-cluster test), and the
+  resourceVersion check and the store are two steps (a real server does both atomically).
 * :class:`SimulatedDeploymentController`, an asyncio task on the emulator's loop that plays the
   Deployment and ReplicaSet controllers and the kubelet: ReplicaSets per pod template with
   ``pod-template-hash`` and ``deployment.kubernetes.io/revision`` (an old ReplicaSet is reused, with a
   new revision, when its template comes back, as on rollback), rolling updates that honour ``maxSurge``
   and ``maxUnavailable: 0``, pods that become ready or crash-loop or fail to pull their image as the
-  test decides (with Warning events), ``observedGeneration``, and the ``Progressing`` condition with
-  ``ProgressDeadlineExceeded``. It logs available replicas on every step for invariant checks.
+  test decides (with Warning events), containers whose ``secretKeyRef`` names a missing Secret or key
+  (``CreateContainerConfigError``, as the kubelet reports it), ``observedGeneration``, and the
+  ``Progressing`` condition with ``ProgressDeadlineExceeded``. It logs available replicas on every step
+  for invariant checks.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ RESOURCES = {
     "v1/services": ("Service", True),
     "v1/configmaps": ("ConfigMap", True),
     "v1/serviceaccounts": ("ServiceAccount", True),
+    "v1/secrets": ("Secret", True),
+    "coordination.k8s.io/v1/leases": ("Lease", True),
     "apps/v1/deployments": ("Deployment", True),
     "apps/v1/replicasets": ("ReplicaSet", True),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True),
@@ -68,6 +75,8 @@ DEPLOYMENTS = kmock.resource("apps/v1/deployments")
 REPLICASETS = kmock.resource("apps/v1/replicasets")
 PODS = kmock.resource("v1/pods")
 EVENTS = kmock.resource("v1/events")
+SECRETS = kmock.resource("v1/secrets")
+LEASES = kmock.resource("coordination.k8s.io/v1/leases")
 
 
 def _status(
@@ -131,6 +140,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     {"name": request.namespace, "kind": "namespaces"},
                 )
             if isinstance(request.data, dict):
+                conflict = await self._stale_resource_version(request)
+                if conflict is not None:
+                    return conflict
                 await self._server_side_fields(request)
         return await super()._handle(request)
 
@@ -144,6 +156,26 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             "Forbidden",
             f'{target} is forbidden: User "tester" cannot {verb} resource "{plural}"{where}',
             {"kind": plural},
+        )
+
+    async def _stale_resource_version(self, request: Any) -> aiohttp.web.Response | None:
+        """409 for a PATCH whose ``metadata.resourceVersion`` is not the stored one (a lost update)."""
+        wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+        if request.action != kmock.action.UPDATE or wanted is None:
+            return None
+        async with self._lock:
+            key = (request.resource, request.namespace, request.name)
+            if key not in self.objects or self.objects[key].deleted:
+                return None
+            stored = self.objects[key].raw.get("metadata", {}).get("resourceVersion")
+        if stored == wanted:
+            return None
+        return _status(
+            409,
+            "Conflict",
+            f'Operation cannot be fulfilled on {request.resource.plural} "{request.name}": the object has '
+            "been modified; please apply your changes to the latest version and try again",
+            {"name": request.name, "kind": request.resource.plural},
         )
 
     async def _server_side_fields(self, request: Any) -> None:
@@ -167,11 +199,16 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
 @dataclass
 class PodPlan:
-    """How pods behave: ``ready``, ``crashloop``, ``image-pull`` or ``never-ready``."""
+    """How pods behave: ``ready``, ``crashloop``, ``image-pull`` or ``never-ready``.
+
+    ``image-pull`` reports ``ErrImagePull`` with zero restarts (a pull that failed: the container never
+    started), then ``ImagePullBackOff`` after ``backoff_after_s``.
+    """
 
     behaviour: str = "ready"
     ready_after_s: float = 0.15
     crash_every_s: float = 0.1
+    backoff_after_s: float = 3600.0
 
 
 @dataclass
@@ -487,7 +524,22 @@ class SimulatedDeploymentController:
                     f"Back-off restarting failed container {container['name']} in pod {name}",
                     restarts,
                 )
-            elif plan.behaviour == "image-pull" and age >= plan.crash_every_s:
+            elif missing := self._missing_secret(namespace, container):
+                status = {
+                    "phase": "Pending",
+                    "conditions": [{"type": "Ready", "status": "False"}],
+                    "containerStatuses": [
+                        {
+                            **base,
+                            "state": {
+                                "waiting": {"reason": "CreateContainerConfigError", "message": missing}
+                            },
+                        }
+                    ],
+                }
+                self._event(namespace, pod, "Failed", f"Error: {missing}", 1)
+            elif plan.behaviour == "image-pull":
+                backoff = age >= plan.backoff_after_s
                 status = {
                     "phase": "Pending",
                     "conditions": [{"type": "Ready", "status": "False"}],
@@ -496,8 +548,12 @@ class SimulatedDeploymentController:
                             **base,
                             "state": {
                                 "waiting": {
-                                    "reason": "ImagePullBackOff",
-                                    "message": f'Back-off pulling image "{container["image"]}"',
+                                    "reason": "ImagePullBackOff" if backoff else "ErrImagePull",
+                                    "message": (
+                                        f'Back-off pulling image "{container["image"]}"'
+                                        if backoff
+                                        else f'failed to pull image "{container["image"]}": not found'
+                                    ),
                                 }
                             },
                         }
@@ -514,6 +570,22 @@ class SimulatedDeploymentController:
                 }
             if pod["status"] != status:
                 self._patch(PODS, namespace, name, {"status": status})
+
+    def _missing_secret(self, namespace: str, container: dict[str, Any]) -> str | None:
+        """The kubelet's message for an env ``secretKeyRef`` whose Secret or key does not exist."""
+        for item in container.get("env") or []:
+            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if not ref or ref.get("optional"):
+                continue
+            key = (SECRETS, namespace, ref["name"])
+            if key not in self.emulator.objects or self.emulator.objects[key].deleted:
+                return f'secret "{ref["name"]}" not found'
+            secret = self.emulator.objects[key]
+            if ref["key"] not in (secret.raw.get("data") or {}) and ref["key"] not in (
+                secret.raw.get("stringData") or {}
+            ):
+                return f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}"
+        return None
 
     def _event(self, namespace: str, pod: dict[str, Any], reason: str, message: str, count: int) -> None:
         name = f"{pod['metadata']['name']}.{reason.lower()}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class FakeServing:
     def __init__(self, cluster: RunningCluster) -> None:
         self.cluster = cluster
         self.override_versions: list[str] | None = None
+        self.version_routes = True
         self.requests: list[str] = []
         owner = self
 
@@ -70,9 +72,22 @@ class FakeServing:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _version_route(self):
+                """The version a /versions/N route names, or None; answers 404 when it is not served."""
+                match = re.match(r"^/v1/models/[^/:]+/versions/(\d+)", self.path)
+                if match is None:
+                    return None
+                if not owner.version_routes or match[1] not in owner.versions():
+                    self._send(404, {"error": f"Servable not found for request: Specific(m, {match[1]})"})
+                    return False
+                return match[1]
+
             def do_GET(self):
                 owner.requests.append(f"GET {self.path}")
-                versions = owner.versions()
+                pinned = self._version_route()
+                if pinned is False:
+                    return
+                versions = [pinned] if pinned else owner.versions()
                 self._send(
                     200,
                     {
@@ -90,6 +105,8 @@ class FakeServing:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 owner.requests.append(f"POST {self.path} {len(body['instances'])}")
+                if self._version_route() is False:
+                    return
                 self._send(200, {"predictions": [{"classes": ["cat"], "scores": [0.9]}]})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -143,7 +160,18 @@ def settings_for(cluster: RunningCluster, **overrides) -> ClusterSettings:
     )
 
 
-def run(cluster, serving, version, *, spec=None, timeout_s=20.0, messages=None, dry_run=False, **kwargs):
+def run(
+    cluster,
+    serving,
+    version,
+    *,
+    spec=None,
+    timeout_s=20.0,
+    messages=None,
+    dry_run=False,
+    allow_pod_local_feedback=True,
+    **kwargs,
+):
     return deploy(
         target(version, run_id=kwargs.pop("run_id", None)),
         settings=settings_for(cluster),
@@ -152,6 +180,7 @@ def run(cluster, serving, version, *, spec=None, timeout_s=20.0, messages=None, 
         dry_run=dry_run,
         smoke=SmokeSettings(url=serving.url, timeout_s=5),
         on_progress=(messages.append if messages is not None else None),
+        allow_pod_local_feedback=allow_pod_local_feedback,
         **kwargs,
     )
 
@@ -186,7 +215,10 @@ def test_first_rollout_creates_the_stack_and_smoke_tests_it(cluster, serving):
     assert result.ok, result.reason
     assert result.revision == 1 and result.previous_image is None and not result.rolled_back
     assert result.smoke is not None and result.smoke.ok and result.smoke.reported_versions == ["1"]
-    assert any(line == "POST /v1/models/tfloop-classifier:predict 1" for line in serving.requests)
+    # The smoke test asks the rolled-out version's own routes.
+    assert "GET /v1/models/tfloop-classifier/versions/1" in serving.requests
+    assert "POST /v1/models/tfloop-classifier/versions/1:predict 1" in serving.requests
+    assert result.smoke.route == "/v1/models/tfloop-classifier/versions/1"
     kinds = cluster.locked(
         lambda: sorted(
             obj.raw["kind"]
@@ -198,6 +230,7 @@ def test_first_rollout_creates_the_stack_and_smoke_tests_it(cluster, serving):
         "ConfigMap",
         "Deployment",
         "HorizontalPodAutoscaler",
+        "Lease",
         "PodDisruptionBudget",
         "Service",
         "ServiceAccount",
@@ -245,6 +278,7 @@ def test_crash_looping_rollout_is_rolled_back(cluster, serving):
     messages: list[str] = []
     result = run(cluster, serving, 2, messages=messages)
     assert not result.ok and result.rolled_back and result.rollback_ok
+    assert result.outcome == "rolled_back" and result.restored == ["Deployment/tfloop-serving"]
     assert (
         "CrashLoopBackOff" in result.reason
         and "rolled back to reg.example/tfloop-classifier:v1" in result.reason
@@ -267,13 +301,22 @@ def test_stalled_rollout_stops_at_the_progress_deadline_and_rolls_back(cluster, 
     assert_rolled_back_to_v1(cluster, start)
 
 
-def test_image_pull_failure_and_callers_timeout(cluster, serving):
+def test_image_pull_failure_is_caught_at_once_with_zero_restarts(cluster, serving):
     assert run(cluster, serving, 1).ok
+    # The kubelet reports ErrImagePull (restartCount 0) and never anything else: waiting for restarts or for
+    # ImagePullBackOff would run into the (long) timeout instead.
     fail_image(cluster, ":v2", "image-pull")
-    result = run(cluster, serving, 2)
-    assert not result.ok and result.rollback_ok and "ImagePullBackOff" in result.reason
+    result = run(cluster, serving, 2, timeout_s=120.0)
+    assert not result.ok and result.rolled_back and result.rollback_ok, result.reason
+    assert result.outcome == "rolled_back"
+    assert "ErrImagePull (restarts: 0)" in result.reason and "timed out" not in result.reason
+    assert [problem.restarts for problem in result.pod_problems] == [0]
     assert any("Failed to pull image" in event for event in result.events)
+    assert result.duration_s < 60
 
+
+def test_callers_timeout_rolls_back(cluster, serving):
+    assert run(cluster, serving, 1).ok
     fail_image(cluster, ":v3", "never-ready")
     start = len(cluster.controller.log)
     result = run(cluster, serving, 3, timeout_s=1.0)
@@ -411,6 +454,8 @@ def test_cli_deploy_json_dry_run_and_failure(cluster, serving, tmp_path):
         serving.url,
         "--timeout",
         "20",
+        "--feedback-uri",
+        "gs://tfloop-test/feedback",
     ]
     dry = tfloop(*common, "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr

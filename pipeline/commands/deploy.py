@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from pipeline.commands._output import emit_json, info
+
+if TYPE_CHECKING:
+    from k8s.settings import ServingSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -15,9 +18,51 @@ def register(app: typer.Typer) -> None:
     app.command("deploy")(deploy)
 
 
+def serving_settings(
+    *,
+    feedback_uri: str | None,
+    prefect_api_url: str | None,
+    prefect_api_key_secret: str | None,
+    token_secret: str | None,
+    feedback_secret: str | None,
+    gcp_service_account: str | None,
+    gcp_key_secret: str | None,
+) -> ServingSettings:
+    """The serving settings a deploy's flags ask for: unset flags keep the cluster's, '' clears one."""
+    from k8s.settings import SECRET_DEFAULT_KEYS, SecretRef, ServingSettings
+
+    plain = {
+        "feedback_uri": feedback_uri,
+        "prefect_api_url": prefect_api_url,
+        "gcp_service_account": gcp_service_account,
+    }
+    secrets = {
+        "prefect_api_key_secret": prefect_api_key_secret,
+        "token_secret": token_secret,
+        "feedback_secret": feedback_secret,
+        "gcp_key_secret": gcp_key_secret,
+    }
+    values: dict[str, Any] = {}
+    clear: set[str] = set()
+    for name, value in [*plain.items(), *secrets.items()]:
+        if value is None:
+            continue
+        if not value.strip():
+            clear.add(name)
+        elif name in secrets:
+            values[name] = SecretRef.parse(value, default_key=SECRET_DEFAULT_KEYS[name])
+        else:
+            values[name] = value.strip()
+    return ServingSettings(**values, clear=frozenset(clear))
+
+
 def deploy(
     image: Annotated[
-        str, typer.Option("--image", help="Serving image reference, e.g. registry/tfloop-classifier:v3.")
+        str,
+        typer.Option(
+            "--image",
+            help="Serving image: REPO:TAG, REPO@sha256:DIGEST or REPO:TAG@sha256:DIGEST (runs by digest).",
+        ),
     ],
     model_name: Annotated[str, typer.Option("--model-name", help="Model name served by the image.")],
     version: Annotated[int, typer.Option("--version", min=1, help="Model version the image carries.")],
@@ -35,8 +80,67 @@ def deploy(
     in_cluster: Annotated[
         bool, typer.Option("--in-cluster", help="Use the pod's service account instead of a kubeconfig.")
     ] = False,
+    digest: Annotated[
+        str | None,
+        typer.Option(
+            "--digest", help="sha256:... of --image REPO:TAG: the pods run REPO@sha256:..., the tag is kept."
+        ),
+    ] = None,
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="MLflow run id, recorded as an annotation.")
+    ] = None,
+    feedback_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--feedback-uri",
+            help="Serving's feedback queue, gs://bucket/prefix (kept by later deploys; '' resets it).",
+        ),
+    ] = None,
+    allow_pod_local_feedback: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pod-local-feedback",
+            help="Accept a feedback queue inside the pods (lost with them; demos and tests only).",
+        ),
+    ] = False,
+    prefect_api_url: Annotated[
+        str | None,
+        typer.Option("--prefect-api-url", help="Prefect API for feedback events (kept; '' removes it)."),
+    ] = None,
+    prefect_api_key_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--prefect-api-key-secret",
+            help="Secret NAME[:KEY] (key default api-key) holding PREFECT_API_KEY (kept; '' removes it).",
+        ),
+    ] = None,
+    token_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--token-secret",
+            help="Secret NAME[:KEY] (key default token): the /feedback bearer token (kept; '' removes).",
+        ),
+    ] = None,
+    feedback_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--feedback-secret",
+            help="Secret NAME[:KEY] (key default secret): the prediction-id signing key replicas share.",
+        ),
+    ] = None,
+    gcp_service_account: Annotated[
+        str | None,
+        typer.Option(
+            "--gcp-service-account",
+            help="Workload Identity: SA@PROJECT.iam.gserviceaccount.com the pods act as (kept; '' removes).",
+        ),
+    ] = None,
+    gcp_key_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--gcp-key-secret",
+            help="Secret NAME[:KEY] (key default key.json) with a service-account key, mounted for GCS.",
+        ),
     ] = None,
     timeout: Annotated[
         float,
@@ -64,14 +168,24 @@ def deploy(
     """Roll a model version out to Kubernetes, verify it, and roll back automatically on failure.
 
     Creates or updates the serving stack, waits like `kubectl rollout status`, smoke-tests the Service.
+    Serving settings (feedback queue, Prefect, Secrets, credentials) persist: pass only what changes.
 
-    On failure the previous pod template is restored. Exit code 0 when the new version serves, else 1.
+    On failure every object it changed is restored. Exit code 0 when the new version serves, else 1.
     """
     from k8s.rollout import deploy as run_rollout
     from k8s.settings import ClusterSettings, DeployTarget
     from k8s.smoke import SmokeSettings
 
-    target = DeployTarget(image=image, model_name=model_name, version=version, run_id=run_id)
+    target = DeployTarget(image=image, model_name=model_name, version=version, run_id=run_id, digest=digest)
+    serving = serving_settings(
+        feedback_uri=feedback_uri,
+        prefect_api_url=prefect_api_url,
+        prefect_api_key_secret=prefect_api_key_secret,
+        token_secret=token_secret,
+        feedback_secret=feedback_secret,
+        gcp_service_account=gcp_service_account,
+        gcp_key_secret=gcp_key_secret,
+    )
     settings = ClusterSettings(
         kubeconfig=kubeconfig, context=context, namespace=namespace, in_cluster=in_cluster
     )
@@ -81,6 +195,8 @@ def deploy(
         timeout_s=timeout,
         dry_run=dry_run,
         smoke=SmokeSettings(enabled=not no_smoke, url=smoke_url),
+        serving=serving,
+        allow_pod_local_feedback=allow_pod_local_feedback,
         network_policy=network_policy,
         on_progress=lambda message: info(message),
     )
@@ -92,6 +208,8 @@ def deploy(
         info(f"rollout failed: {result.reason}")
         for line in [*(problem.describe() for problem in result.pod_problems), *result.events]:
             info(f"  {line}")
+    for note in result.notes:
+        info(f"note: {note}")
     if as_json:
         emit_json(result.to_dict())
     if not result.ok:
