@@ -1,9 +1,12 @@
-"""Dataset ingestion and input pipeline: validation of every bad-file kind, the deterministic split, several
-roots (local and GCS), the demo dataset, and decoding of every supported format."""
+"""Dataset ingestion and input pipeline: validation of every bad-file kind, the three-way split by content
+hash (stable as data grows, duplicates together, conflicts quarantined, small labels left out), several roots
+(local and GCS), the demo dataset, and decoding of every supported format."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from training.data import (
     dataset_fingerprint,
     make_image_dataset,
     scan_dataset,
-    split_side,
+    split_for_hash,
 )
 from training.demo_data import DEMO_CLASSES, make_demo_dataset
 
@@ -37,40 +40,80 @@ def _write(root: Path, relative: str, data: bytes) -> None:
 
 
 def _good_dataset(root: Path, labels: dict[str, int]) -> None:
-    for index, (label, count) in enumerate(labels.items()):
+    """Distinct noisy JPEGs (a seed per label and index: no two files share their bytes)."""
+    for label, count in labels.items():
         for i in range(count):
-            _write(root, f"{label}/{label}-{i}.jpg", _image_bytes("JPEG", color=(40 * index, 255 - i, 90)))
+            rng = np.random.default_rng([i, *label.encode()])
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+            _write(root, f"{label}/{label}-{i}.jpg", buffer.getvalue())
 
 
-def test_split_is_a_function_of_the_relative_path_only() -> None:
-    names = [f"label{i % 3}/file-{i}.jpg" for i in range(3000)]
-    sides = [split_side(name, validation_fraction=0.2) for name in names]
-    assert sides == [split_side(name, validation_fraction=0.2) for name in names]
-    share = sides.count("validation") / len(sides)
-    assert 0.17 < share < 0.23
-    assert all(
-        split_side(n, validation_fraction=0.99) == "validation"
-        for n, s in zip(names, sides, strict=True)
-        if s == "validation"
-    )
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def test_files_keep_their_side_when_new_data_and_roots_arrive(tmp_path: Path) -> None:
+def test_split_is_a_function_of_the_content_hash_and_fixed_fractions() -> None:
+    hashes = [_sha(str(i).encode()) for i in range(4000)]
+    splits = [split_for_hash(h, validation_fraction=0.2, test_fraction=0.1) for h in hashes]
+    assert splits == [split_for_hash(h, validation_fraction=0.2, test_fraction=0.1) for h in hashes]
+    assert 0.08 < splits.count("test") / len(splits) < 0.12
+    assert 0.17 < splits.count("validation") / len(splits) < 0.23
+    # A bigger test share only takes images from the other splits; no test image leaves the test split.
+    wider = [split_for_hash(h, validation_fraction=0.2, test_fraction=0.3) for h in hashes]
+    assert all(w == "test" for s, w in zip(splits, wider, strict=True) if s == "test")
+    with pytest.raises(DatasetError, match="nothing to train"):
+        scan_dataset(["unused"], validation_fraction=0.5, test_fraction=0.5)
+
+
+def test_images_keep_their_split_when_new_data_and_roots_arrive(tmp_path: Path) -> None:
     base, pending = tmp_path / "base", tmp_path / "feedback" / "pending"
     _good_dataset(base, {"cat": 12, "dog": 12})
     first = scan_dataset([str(base)], min_images_per_label=3)
     _good_dataset(base, {"bird": 8})
-    _write(pending, "cat/" + "a" * 64 + ".png", _image_bytes("PNG"))
+    feedback_image = _image_bytes("PNG", color=(1, 2, 3))
+    _write(pending, f"cat/{_sha(feedback_image)}.png", feedback_image)
     second = scan_dataset([str(base), str(pending)], min_images_per_label=3)
 
-    sides = {r.relative_path: r.side for r in second.records}
-    assert all(sides[r.relative_path] == r.side for r in first.records)
+    splits = {r.sha256: r.side for r in second.records}
+    assert all(splits[r.sha256] == r.side for r in first.records)
+    old_manifest, new_manifest = first.split_manifest(), second.split_manifest()
+    for split in ("train", "validation", "test"):
+        assert set(old_manifest[split]) <= set(new_manifest[split])
     feedback = second.from_root(str(pending))
     assert len(feedback) == 1 and feedback[0].label == "cat"
-    assert feedback[0].side == split_side(f"cat/{'a' * 64}.png", validation_fraction=0.2)
+    assert feedback[0].side == split_for_hash(
+        _sha(feedback_image), validation_fraction=0.2, test_fraction=0.2
+    )
     assert second.labels == ("bird", "cat", "dog")
     assert second.report.per_root_counts == {str(base): 32, str(pending): 1}
     assert first.fingerprint != second.fingerprint
+
+
+def test_duplicates_count_once_and_conflicting_labels_are_quarantined(tmp_path: Path) -> None:
+    base, pending = tmp_path / "base", tmp_path / "feedback" / "pending"
+    _good_dataset(base, {"cat": 10, "dog": 10})
+    twin = (base / "cat" / "cat-0.jpg").read_bytes()
+    _write(base, "cat/copy-of-cat-0.jpg", twin)  # same bytes, same label, another name: once
+    _write(pending, f"cat/{_sha(twin)}.jpg", twin)  # and once more from the feedback queue
+    disputed = (base / "dog" / "dog-3.jpg").read_bytes()
+    _write(pending, f"cat/{_sha(disputed)}.jpg", disputed)  # the same bytes under another label
+
+    scanned = scan_dataset([str(base), str(pending)], min_images_per_label=3)
+
+    hashes = [r.sha256 for r in scanned.records]
+    assert len(hashes) == len(set(hashes)) == 19
+    kept = next(r for r in scanned.records if r.sha256 == _sha(twin))
+    assert kept.root == str(base) and kept.relative_path == "cat/cat-0.jpg"  # base first, then path order
+    assert scanned.report.duplicates == 2
+    assert scanned.quarantined == (_sha(disputed),)
+    manifest = scanned.split_manifest()
+    assert manifest["quarantined"] == [_sha(disputed)]
+    assert all(_sha(disputed) not in manifest[split] for split in ("train", "validation", "test"))
+    conflict = scanned.report.to_dict()["quarantined"][0]
+    assert conflict["labels"] == ["cat", "dog"] and len(conflict["files"]) == 2
+    assert scanned.report.quarantined_count == 1
+    assert sum(scanned.report.split_counts.values()) == scanned.report.images == 19
 
 
 def test_every_bad_file_kind_is_skipped_and_counted(tmp_path: Path) -> None:
@@ -111,12 +154,17 @@ def test_classify_image_bytes_accepts_each_supported_format() -> None:
     assert classify_image_bytes("a.webp", _image_bytes("PNG")) == "unsupported_extension"
 
 
-def test_a_label_with_too_few_valid_images_is_an_error_naming_it(tmp_path: Path) -> None:
-    _good_dataset(tmp_path, {"cat": 16, "dog": 2})
-    _write(tmp_path, "dog/broken.jpg", b"\xff\xd8 broken")
-    with pytest.raises(DatasetError, match=r"'dog' has 2 valid images.*minimum 5"):
-        scan_dataset([str(tmp_path)], min_images_per_label=5)
-    assert len(scan_dataset([str(tmp_path)], min_images_per_label=2).records) == 18
+def test_a_label_with_too_few_images_is_reported_and_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _good_dataset(tmp_path, {"cat": 16, "dog": 16, "newt": 2})
+    _write(tmp_path, "newt/broken.jpg", b"\xff\xd8 broken")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        scanned = scan_dataset([str(tmp_path)], min_images_per_label=5)
+    assert scanned.labels == ("cat", "dog") and len(scanned.records) == 32
+    assert scanned.report.excluded_labels == {"newt": 2}
+    assert "label 'newt' has 2 valid distinct image(s), fewer than the minimum 5: left out" in caplog.text
+    assert len(scan_dataset([str(tmp_path)], min_images_per_label=2).records) == 34
 
 
 def test_fewer_than_two_labels_is_an_error(tmp_path: Path) -> None:
@@ -146,7 +194,9 @@ def test_decoding_converts_every_format_to_rgb(tmp_path: Path) -> None:
     }
     for relative, data in files.items():
         _write(tmp_path, relative, data)
-    scanned = scan_dataset([str(tmp_path)], min_images_per_label=1, validation_fraction=0.5)
+    scanned = scan_dataset(
+        [str(tmp_path)], min_images_per_label=1, validation_fraction=0.1, test_fraction=0.1
+    )
     dataset = make_image_dataset(scanned.records, scanned.labels, image_size=16, batch_size=8, training=False)
     images, targets = next(iter(dataset))
     images = images.numpy()

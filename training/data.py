@@ -1,13 +1,21 @@
 """Dataset ingestion and the ``tf.data`` input pipeline.
 
 A dataset is one or more roots (local folders or ``gs://`` prefixes) laid out ``<label>/<image file>``; the
-base dataset and the feedback queue's ``pending/`` folder are scanned together. :func:`scan_dataset` lists
-every root, validates every file (skipping and counting corrupt, empty, non-image and unsupported files),
-assigns each file a train/validation side from a hash of its relative path ``<label>/<file>`` (so a file
-keeps its side when new data arrives) and returns per-file :class:`FileRecord` objects plus a
-:class:`DataReport`. Files on GCS are downloaded into a local cache folder, so the pipeline reads local
-files on every backend. :func:`make_image_dataset` turns records into batches of float32 RGB pixels in
-``[0, 255]`` with parallel decode, caching, optional augmentation (train side only) and prefetch.
+base dataset and the feedback queue's folders are scanned together. :func:`scan_dataset` lists every root,
+validates every file (skipping and counting corrupt, empty, non-image and unsupported files) and groups the
+valid files by content (sha256 of the bytes):
+
+- the same bytes under one label in several files count once (a duplicate);
+- the same bytes under different labels are a conflict: quarantined, held out of every split and listed in
+  the report;
+- a label left with fewer than ``min_images_per_label`` images is reported and left out of the run.
+
+Each image gets its split (train / validation / test) from its content hash alone (:func:`split_for_hash`),
+so identical bytes always share a split and an image keeps its split when data is added. Validation drives
+early stopping and best-epoch selection; test is kept for the promotion gate. Files on GCS are downloaded
+into a local cache folder, so the pipeline reads local files on every backend. :func:`make_image_dataset`
+turns records into batches of float32 RGB pixels in ``[0, 255]`` with parallel decode, caching, optional
+augmentation (train split only) and prefetch.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +39,9 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp"})
-Side = Literal["train", "validation"]
+Side = Literal["train", "validation", "test"]
+SPLITS: tuple[Side, ...] = ("train", "validation", "test")
+QUARANTINED = "quarantined"
 SkipReason = Literal["empty", "unsupported_extension", "not_an_image", "corrupt", "outside_label_folder"]
 SKIP_REASONS: tuple[SkipReason, ...] = (
     "empty",
@@ -41,7 +52,10 @@ SKIP_REASONS: tuple[SkipReason, ...] = (
 )
 _IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")
 _MAX_LISTED_SKIPS = 200
-_SPLIT_BUCKETS = 10_000
+_MAX_LISTED_CONFLICTS = 500
+_HASH_SPACE = float(2**64)
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(TfloopError):
@@ -50,7 +64,7 @@ class DatasetError(TfloopError):
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One valid image: where it is, its label, its split side and which root it came from."""
+    """One valid image: where it is, its label, its split (``side``), which root it came from, its sha256."""
 
     uri: str
     label: str
@@ -69,9 +83,23 @@ class SkippedFile:
     reason: SkipReason
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """The same bytes under different labels: held out of every split."""
+
+    sha256: str
+    labels: list[str]
+    files: list[str]
+
+
 @dataclass
 class DataReport:
-    """What ingestion found: per-label counts per side, skipped files by reason, the dataset fingerprint."""
+    """What ingestion found: per-label counts per split, skipped files by reason, duplicates, conflicts
+    (quarantined), labels left out for too few images, and the dataset fingerprint.
+
+    ``images`` counts distinct images that train, validate or test (duplicates once, conflicts and left-out
+    labels not at all).
+    """
 
     roots: list[str]
     labels: list[str]
@@ -83,15 +111,32 @@ class DataReport:
     skipped_counts: dict[str, int]
     skipped: list[SkippedFile] = field(default_factory=list)
     fingerprint: str = ""
+    test_fraction: float = 0.0
+    test_counts: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    quarantined: list[Conflict] = field(default_factory=list)
+    quarantined_count: int = 0
+    excluded_labels: dict[str, int] = field(default_factory=dict)
+    min_images_per_label: int = 1
 
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped_counts.values())
 
+    @property
+    def split_counts(self) -> dict[str, int]:
+        """Distinct images per split: ``{"train": n, "validation": n, "test": n}``."""
+        return {
+            "train": sum(self.train_counts.values()),
+            "validation": sum(self.validation_counts.values()),
+            "test": sum(self.test_counts.values()),
+        }
+
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["skipped_total"] = self.skipped_total
         data["skipped_listed"] = len(self.skipped)
+        data["split"] = self.split_counts
         return data
 
 
@@ -102,10 +147,19 @@ class ScannedDataset:
     records: tuple[FileRecord, ...]
     labels: tuple[str, ...]
     report: DataReport
+    quarantined: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
         return self.report.fingerprint
+
+    def split_manifest(self) -> dict[str, list[str]]:
+        """The sha256 of every image per split, and the quarantined ones (MLflow's ``split.json``)."""
+        manifest: dict[str, list[str]] = {
+            split: sorted(r.sha256 for r in self.records if r.side == split) for split in SPLITS
+        }
+        manifest[QUARANTINED] = sorted(self.quarantined)
+        return manifest
 
     def side(self, side: Side) -> list[FileRecord]:
         return [record for record in self.records if record.side == side]
@@ -114,11 +168,28 @@ class ScannedDataset:
         return [record for record in self.records if record.root == root]
 
 
-def split_side(relative_path: str, *, validation_fraction: float) -> Side:
-    """The side of a file, from a hash of its ``<label>/<file>`` path only (stable across retrains)."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    bucket = int.from_bytes(digest[:8], "big") % _SPLIT_BUCKETS
-    return "validation" if bucket < validation_fraction * _SPLIT_BUCKETS else "train"
+def split_for_hash(sha256: str, *, validation_fraction: float, test_fraction: float) -> Side:
+    """The split of an image from its content hash only: the hash's first 64 bits as a number ``u`` in
+    ``[0, 1)``; ``u < test_fraction`` is test, then ``validation_fraction`` more is validation, the rest
+    train. A pure function of the hash and the fractions: an image keeps its split in every later run."""
+    position = int(sha256[:16], 16) / _HASH_SPACE
+    if position < test_fraction:
+        return "test"
+    if position < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def check_fractions(*, validation_fraction: float, test_fraction: float) -> None:
+    """Raise :class:`DatasetError` unless both fractions are in (0, 1) and leave room for training."""
+    for name, value in (("validation", validation_fraction), ("test", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DatasetError(f"{name} fraction must be between 0 and 1, got {value}")
+    if validation_fraction + test_fraction >= 1.0:
+        raise DatasetError(
+            f"validation fraction {validation_fraction} + test fraction {test_fraction} leave nothing to "
+            "train on; their sum must be below 1"
+        )
 
 
 def classify_image_bytes(name: str, data: bytes) -> SkipReason | None:
@@ -148,7 +219,7 @@ def _cache_folder(cache_dir: Path, root: str) -> Path:
 
 
 def _validate_one(
-    root: str, name: str, *, cache_dir: Path | None, validation_fraction: float
+    root: str, name: str, *, cache_dir: Path | None, validation_fraction: float, test_fraction: float
 ) -> FileRecord | SkippedFile:
     uri = storage.join(root, name)
     parts = PurePosixPath(name).parts
@@ -168,14 +239,15 @@ def _validate_one(
             storage.write_bytes(str(local), data)
     else:
         local = storage.local_path(uri)
+    sha256 = hashlib.sha256(data).hexdigest()
     return FileRecord(
         uri=uri,
         label=parts[0],
         relative_path=name,
-        side=split_side(name, validation_fraction=validation_fraction),
+        side=split_for_hash(sha256, validation_fraction=validation_fraction, test_fraction=test_fraction),
         root=root,
         local_path=str(local),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
     )
 
 
@@ -189,23 +261,25 @@ def scan_dataset(
     roots: Sequence[str],
     *,
     validation_fraction: float = 0.2,
+    test_fraction: float = 0.2,
     min_images_per_label: int = 5,
     cache_dir: Path | None = None,
     required_roots: Sequence[str] | None = None,
     workers: int = 8,
 ) -> ScannedDataset:
-    """List and validate every file below ``roots``; return the valid records, labels and a report.
+    """List and validate every file below ``roots``; return the distinct images, labels and a report.
 
     Roots in ``required_roots`` (default: the first root) must exist; others (e.g. an empty feedback
-    queue) may be missing. Raises :class:`DatasetError` when a label has fewer than
-    ``min_images_per_label`` valid images, when fewer than two labels remain, or when either side is empty.
+    queue) may be missing. Files with the same bytes and label count once (the first by root order, then
+    path); the same bytes under different labels are quarantined. A label with fewer than
+    ``min_images_per_label`` distinct images is left out (reported and logged). Raises
+    :class:`DatasetError` when fewer than two labels remain or the train split is empty.
     """
     if not roots:
         raise DatasetError(
             "no dataset given; pass --data with a folder or gs:// prefix laid out <label>/<image>"
         )
-    if not 0.0 < validation_fraction < 1.0:
-        raise DatasetError(f"validation fraction must be between 0 and 1, got {validation_fraction}")
+    check_fractions(validation_fraction=validation_fraction, test_fraction=test_fraction)
     required = list(required_roots) if required_roots is not None else [roots[0]]
     jobs: list[tuple[str, str]] = []
     for root in roots:
@@ -218,48 +292,91 @@ def scan_dataset(
         jobs.extend((root, name) for name in names)
 
     def work(job: tuple[str, str]) -> FileRecord | SkippedFile:
-        return _validate_one(job[0], job[1], cache_dir=cache_dir, validation_fraction=validation_fraction)
+        return _validate_one(
+            job[0],
+            job[1],
+            cache_dir=cache_dir,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(work, jobs))
-    records = tuple(r for r in results if isinstance(r, FileRecord))
+    valid = [r for r in results if isinstance(r, FileRecord)]
     skipped = [r for r in results if isinstance(r, SkippedFile)]
 
-    per_label = Counter(r.label for r in records)
-    seen_labels = {PurePosixPath(name).parts[0] for _, name in jobs if len(PurePosixPath(name).parts) >= 2}
-    for label in sorted(seen_labels):
-        if per_label[label] < min_images_per_label:
-            raise DatasetError(
-                f"label {label!r} has {per_label[label]} valid images, fewer than the minimum "
-                f"{min_images_per_label}; add images to {label}/, remove the folder, or lower --min-images"
-            )
-    labels = tuple(sorted(per_label))
-    if len(labels) < 2:
-        raise DatasetError(
-            f"found {len(labels)} label(s) {list(labels)} in {list(roots)}; a classifier needs at least two "
-            "label folders <label>/<image>"
+    by_hash: dict[str, list[FileRecord]] = {}
+    for record in valid:  # jobs are in root order, then path order: the first copy is the one kept
+        by_hash.setdefault(record.sha256, []).append(record)
+    unique: list[FileRecord] = []
+    conflicts: list[Conflict] = []
+    for sha256, copies in by_hash.items():
+        labels_of = sorted({copy.label for copy in copies})
+        if len(labels_of) > 1:
+            conflicts.append(Conflict(sha256=sha256, labels=labels_of, files=[copy.uri for copy in copies]))
+        else:
+            unique.append(copies[0])
+    duplicates = len(valid) - len(unique) - sum(len(c.files) for c in conflicts)
+    for conflict in conflicts[:20]:
+        logger.warning(
+            "quarantined: the same image is labelled %s (%s); it is held out of every split",
+            " and ".join(conflict.labels),
+            ", ".join(conflict.files),
         )
-    train_counts = Counter(r.label for r in records if r.side == "train")
-    validation_counts = Counter(r.label for r in records if r.side == "validation")
-    if not train_counts or not validation_counts:
+
+    per_label = Counter(r.label for r in unique)
+    seen_labels = {PurePosixPath(name).parts[0] for _, name in jobs if len(PurePosixPath(name).parts) >= 2}
+    excluded = {
+        label: per_label[label] for label in sorted(seen_labels) if per_label[label] < min_images_per_label
+    }
+    for label, count in excluded.items():
+        logger.warning(
+            "label %r has %d valid distinct image(s), fewer than the minimum %d: left out of this run "
+            "(add images to %s/ or lower --min-images)",
+            label,
+            count,
+            min_images_per_label,
+            label,
+        )
+    records = tuple(r for r in unique if r.label not in excluded)
+    labels = tuple(sorted({r.label for r in records}))
+    if len(labels) < 2:
+        left_out = f"; left out for fewer than {min_images_per_label} images: {excluded}" if excluded else ""
         raise DatasetError(
-            f"the split left the {'train' if not train_counts else 'validation'} side empty; add images or "
-            "change --validation-fraction"
+            f"found {len(labels)} usable label(s) {list(labels)} in {list(roots)}{left_out}; a classifier "
+            "needs at least two label folders <label>/<image> with enough images each"
+        )
+    counts = {split: Counter(r.label for r in records if r.side == split) for split in SPLITS}
+    if not counts["train"]:
+        raise DatasetError(
+            "the split left the train side empty; add images or lower --validation-fraction/--test-fraction"
         )
     skipped_counts = Counter(s.reason for s in skipped)
     report = DataReport(
         roots=list(roots),
         labels=list(labels),
         validation_fraction=validation_fraction,
+        test_fraction=test_fraction,
+        min_images_per_label=min_images_per_label,
         images=len(records),
-        train_counts={label: train_counts[label] for label in labels},
-        validation_counts={label: validation_counts[label] for label in labels},
+        train_counts={label: counts["train"][label] for label in labels},
+        validation_counts={label: counts["validation"][label] for label in labels},
+        test_counts={label: counts["test"][label] for label in labels},
         per_root_counts={root: sum(1 for r in records if r.root == root) for root in roots},
         skipped_counts={reason: skipped_counts[reason] for reason in SKIP_REASONS},
         skipped=skipped[:_MAX_LISTED_SKIPS],
+        duplicates=duplicates,
+        quarantined=sorted(conflicts, key=lambda c: c.sha256)[:_MAX_LISTED_CONFLICTS],
+        quarantined_count=len(conflicts),
+        excluded_labels=excluded,
         fingerprint=dataset_fingerprint(records),
     )
-    return ScannedDataset(records=records, labels=labels, report=report)
+    return ScannedDataset(
+        records=records,
+        labels=labels,
+        report=report,
+        quarantined=tuple(sorted(c.sha256 for c in conflicts)),
+    )
 
 
 def report_json(report: DataReport) -> str:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     import keras
 
 PredictFn = Callable[[list[bytes]], Sequence[str]]
+"""Encoded images in, one predicted label name per image out."""
+TopPredictFn = Callable[[list[bytes]], Sequence[tuple[str, float]]]
+"""Encoded images in, the top-1 label and its probability per image out (what the gate scores)."""
 
 
 @dataclass(frozen=True)
@@ -137,17 +140,31 @@ def evaluate_predict_fn(
     return compute_report([index[t] for t in truths], [index[g] for g in guesses], order)
 
 
-def keras_predict_fn(
+def keras_top1_fn(
     model: keras.Model, labels: Sequence[str], *, image_size: int, batch_size: int = 32
-) -> PredictFn:
-    """A :data:`PredictFn` for a Keras classifier: decode like training, predict, return top-1 label names."""
+) -> TopPredictFn:
+    """A :data:`TopPredictFn` for a Keras classifier: decode like training, predict, return the top-1
+    label name and its probability."""
     import tensorflow as tf
 
     from training.data import decode_image
 
-    def predict(images: list[bytes]) -> list[str]:
+    def predict(images: list[bytes]) -> list[tuple[str, float]]:
         batch = tf.stack([decode_image(tf.constant(data), image_size=image_size) for data in images])
         probabilities = np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
-        return [labels[i] for i in np.argmax(probabilities, axis=-1)]
+        best = np.argmax(probabilities, axis=-1)
+        return [(labels[i], float(row[i])) for i, row in zip(best, probabilities, strict=True)]
+
+    return predict
+
+
+def keras_predict_fn(
+    model: keras.Model, labels: Sequence[str], *, image_size: int, batch_size: int = 32
+) -> PredictFn:
+    """A :data:`PredictFn` for a Keras classifier: decode like training, predict, return top-1 label names."""
+    top1 = keras_top1_fn(model, labels, image_size=image_size, batch_size=batch_size)
+
+    def predict(images: list[bytes]) -> list[str]:
+        return [label for label, _ in top1(images)]
 
     return predict

@@ -9,9 +9,11 @@
   lower learning rate.
 
 Each phase keeps the best weights by validation accuracy (ties: lower validation loss), stops early after
-``patience`` epochs without improvement, and checkpoints weights, optimizer state and history every epoch
-in ``checkpoint_dir``: a crashed run started again with the same config and data resumes where it stopped
-(same MLflow run).
+``patience`` epochs without improvement (the validation split only; the test split is scored once at the
+end, for the record and the promotion gate, and never selects anything), and checkpoints weights,
+optimizer state and history every epoch in ``checkpoint_dir``: a crashed run started again with the same
+config and data resumes where it stopped (same MLflow run). ``split.json`` records which images (sha256)
+were in which split.
 On a GPU, mixed precision and XLA are used; with several GPUs, ``MirroredStrategy``.
 """
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage import TfloopError
 from training.data import AugmentConfig, DataReport, FileRecord, ScannedDataset, report_json, scan_dataset
@@ -43,20 +45,27 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.json"
 DATA_CACHE = "data-cache"
+SPLIT_ARTIFACT = "split.json"
 
 
 class TrainingError(TfloopError):
     """Training cannot run as configured."""
 
 
-class TrainConfig(BaseModel):
-    """Everything that defines a training run (logged to MLflow as params and ``train_config.json``)."""
+class TrainingParameters(BaseModel):
+    """How to train, everything but the data and the model name: the one home of these options.
+
+    :class:`TrainConfig` adds the dataset roots and the model name; the flows' ``TrainingOptions`` derive
+    from this class too. ``validation_fraction`` (early stopping, best epoch) and ``test_fraction`` (the
+    promotion gate only) split the images by content hash (:func:`training.data.split_for_hash`).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: tuple[str, ...] = Field(min_length=1, description="Dataset roots: folders or gs:// prefixes.")
-    backbone: str = "efficientnet_b0"
-    weights: str = "none"
+    backbone: str = Field(
+        default="efficientnet_b0", description="vgg16, inception_v3 (GPU); efficientnet_b0, mobilenet_v2"
+    )
+    weights: str = Field(default="none", description="imagenet, none, or a path/gs:// URI of a weights file")
     image_size: int = Field(default=64, ge=32)
     epochs: int = Field(default=15, ge=1)
     fine_tune_epochs: int = Field(default=0, ge=0)
@@ -69,13 +78,35 @@ class TrainConfig(BaseModel):
     flip: bool = True
     rotation: float = Field(default=0.05, ge=0, le=0.5)
     zoom: float = Field(default=0.1, ge=0, lt=1)
-    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
-    min_images_per_label: int = Field(default=5, ge=1, description="Minimum valid images per label.")
+    validation_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of images for early stopping and best-epoch selection."
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of images held out for the promotion gate only."
+    )
+    min_images_per_label: int = Field(
+        default=5, ge=1, description="Labels with fewer distinct images are left out of the run."
+    )
     seed: int = 0
     patience: int = Field(default=8, ge=1)
-    model_name: str = Field(default="tfloop-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     cache_features: bool = True
     mixed_precision: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _room_to_train(self) -> TrainingParameters:
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"validation_fraction {self.validation_fraction} + test_fraction {self.test_fraction} must "
+                "stay below 1 (the rest trains)"
+            )
+        return self
+
+
+class TrainConfig(TrainingParameters):
+    """Everything that defines a training run (logged to MLflow as params and ``train_config.json``)."""
+
+    data: tuple[str, ...] = Field(min_length=1, description="Dataset roots: folders or gs:// prefixes.")
+    model_name: str = Field(default="tfloop-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     @field_validator("backbone")
     @classmethod
@@ -124,7 +155,8 @@ def plan_phases(config: TrainConfig) -> list[Phase]:
 
 @dataclass
 class TrainResult:
-    """What a finished training run produced."""
+    """What a finished training run produced. ``accuracy``/``macro_f1`` and ``eval_report`` are on the test
+    split (never used for selection); ``validation_report`` is the split that chose the epochs."""
 
     run_id: str
     model_name: str
@@ -134,6 +166,7 @@ class TrainResult:
     model: keras.Model
     data_report: DataReport
     eval_report: EvalReport
+    validation_report: EvalReport
     dataset: ScannedDataset
     history: dict[str, list[float]]
     phases: list[str]
@@ -153,7 +186,13 @@ class TrainResult:
             "labels": self.labels,
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
+            "validation_accuracy": self.validation_report.accuracy,
+            "validation_macro_f1": self.validation_report.macro_f1,
             "images": self.data_report.images,
+            "split": self.data_report.split_counts,
+            "quarantined": self.data_report.quarantined_count,
+            "duplicates": self.data_report.duplicates,
+            "excluded_labels": self.data_report.excluded_labels,
             "train_images": sum(self.data_report.train_counts.values()),
             "validation_images": sum(self.data_report.validation_counts.values()),
             "skipped": self.data_report.skipped_total,
@@ -533,10 +572,17 @@ def train(
     dataset = scan_dataset(
         config.data,
         validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
         min_images_per_label=config.min_images_per_label,
         cache_dir=Path(data_cache_dir) if data_cache_dir is not None else checkpoint_dir / DATA_CACHE,
         required_roots=required_roots,
     )
+    for split, option in (("validation", "--validation-fraction"), ("test", "--test-fraction")):
+        if not dataset.side(split):
+            raise TrainingError(
+                f"the {split} split is empty ({dataset.report.images} distinct images); add images or "
+                f"raise {option}"
+            )
     labels = list(dataset.labels)
 
     import keras
@@ -564,6 +610,7 @@ def train(
             }
         )
         tracker.log_dict(json.loads(report_json(dataset.report)), "data_report.json")
+        tracker.log_dict(dataset.split_manifest(), SPLIT_ARTIFACT)
         tracker.log_dict(labels, "labels.json")
         tracker.log_dict(config.model_dump(mode="json"), "train_config.json")
 
@@ -620,24 +667,33 @@ def train(
         if devices.mixed_precision:
             model = _float32_copy(model, config, len(labels))
 
-        report = evaluate_model(
-            model,
-            dataset.side("validation"),
-            labels,
-            image_size=config.image_size,
-            batch_size=config.batch_size,
+        validation_report, report = (
+            evaluate_model(
+                model,
+                dataset.side(split),
+                labels,
+                image_size=config.image_size,
+                batch_size=config.batch_size,
+            )
+            for split in ("validation", "test")
         )
         history, starts = _combined_history(state, phases)
         tracker.log_metrics(
             {
-                "val_accuracy": report.accuracy,
-                "val_macro_f1": report.macro_f1,
-                **{f"val_f1_{label}": metrics.f1 for label, metrics in report.per_class.items()},
+                "val_accuracy": validation_report.accuracy,
+                "val_macro_f1": validation_report.macro_f1,
+                **{f"val_f1_{label}": metrics.f1 for label, metrics in validation_report.per_class.items()},
+                "test_accuracy": report.accuracy,
+                "test_macro_f1": report.macro_f1,
+                **{f"test_f1_{label}": metrics.f1 for label, metrics in report.per_class.items()},
             },
             step=step_offset,
         )
         tracker.log_dict(report.to_dict(), "eval_report.json")
-        tracker.log_figure(confusion_matrix_figure(report), "confusion_matrix.png")
+        tracker.log_dict(validation_report.to_dict(), "validation_report.json")
+        tracker.log_figure(
+            confusion_matrix_figure(report, title="Test confusion matrix"), "confusion_matrix.png"
+        )
         tracker.log_figure(training_curves_figure(history, phase_starts=starts), "training_curves.png")
         with tempfile.TemporaryDirectory(prefix="tfloop-model-") as workdir:
             tracker.log_file(save_model(model, Path(workdir) / "model.keras"), artifact_path="model")
@@ -656,6 +712,7 @@ def train(
         model=model,
         data_report=dataset.report,
         eval_report=report,
+        validation_report=validation_report,
         dataset=dataset,
         history=history,
         phases=[p.name for p in phases],

@@ -1,42 +1,62 @@
-"""The promotion gate: decide whether a candidate model may replace the current champion.
+"""The promotion gate: decide whether a candidate model may replace the current champion, with statistics.
 
-Like TFX's evaluator, both models are scored on the SAME held-out data, which includes a held-out share of
-the user-corrected (feedback) items. :func:`evaluate_gate` is a pure function over those scores; the
-evaluation glue below scores a Keras candidate and an exported champion SavedModel on dataset files, and
-:func:`log_gate_decision` records the decision on the candidate's MLflow run.
+Like TFX's Evaluator, both models answer the SAME test items (the split no training run selects anything
+on, :mod:`training.data`), and each comparison is a confidence interval, not a pair of point estimates.
+:func:`evaluate_gate` is a pure function of the items and both models' answers; the glue below gets those
+answers from a Keras candidate or an exported SavedModel, and :func:`log_gate_decision` records the
+decision on the candidate's MLflow run.
 
 Rules (each a :class:`GateCheck` in the decision):
-- every candidate must reach the absolute floors (``min_accuracy``, ``min_macro_f1``);
-- with a champion, the candidate may not be worse than it by more than ``max_accuracy_drop`` on accuracy,
-  ``max_macro_f1_drop`` on macro F1, nor ``max_corrected_accuracy_drop`` on the corrected-label slice
-  (compared only when the slice has at least ``min_corrected_items`` items; otherwise the check is skipped
-  and the reason says so).
+
+- every candidate must reach the absolute floors ``min_accuracy`` and ``min_macro_f1`` (point estimates;
+  with no champion these are the only rules);
+- non-inferiority against the champion: the lower bound of the two-sided ``confidence`` (95%) interval of
+  (candidate - champion) must be at least ``-margin``, for accuracy (``max_accuracy_drop``), macro F1
+  (``max_macro_f1_drop``), each class's accuracy (``max_class_accuracy_drop``) and the corrected-label slice
+  (``max_corrected_accuracy_drop``). A class or the slice decides only with at least ``min_class_items`` /
+  ``min_corrected_items`` items; below that the decision says so and does not use it;
+- no slow drift: the candidate must also be non-inferior (``max_reference_accuracy_drop``) to the scores
+  recorded for the first blessed model on the test items both saw (:class:`ReferenceScores`, carried from
+  champion to champion in ``gate/reference.json``), once they share ``min_reference_items`` items.
+
+The intervals come from a paired bootstrap with a fixed seed (``seed``, ``bootstrap_samples``): the same
+answers always give the same decision. For accuracy the bootstrap is exact and cheap: resampling items
+only changes how many discordant pairs of each kind are drawn (a multinomial draw).
+
+Corrected items where champion and candidate both predict another label with probability at least
+``flag_confidence`` are flagged (a possible mislabel or poisoning) in the decision.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage import TfloopError
 
 if TYPE_CHECKING:
-    from training.data import FileRecord
+    import numpy as np
 
-LabelPredictFn = Callable[[list[bytes]], Sequence[str]]
-"""Encoded images in, one predicted label name per image out (what training.evaluate calls PredictFn)."""
+    from training.data import FileRecord
+    from training.evaluate import TopPredictFn
+
+REFERENCE_ARTIFACT = "gate/reference.json"
+SCORES_ARTIFACT = "gate/test_scores.json"
+DECISION_ARTIFACT = "gate/decision.json"
 
 
 class GateError(TfloopError):
-    """The gate was asked something it cannot answer (bad policy, models scored on different data)."""
+    """The gate was asked something it cannot answer (bad policy, answers that do not match the items)."""
 
 
 @dataclass(frozen=True)
 class EvaluationMetrics:
-    """One model's scores on the held-out data, overall and on the corrected-label slice."""
+    """One model's scores on the test items, overall and on the corrected-label slice."""
 
     accuracy: float
     macro_f1: float
@@ -53,11 +73,11 @@ class EvaluationMetrics:
         if self.count < 0 or self.corrected_count < 0 or self.corrected_count > self.count:
             raise GateError(
                 f"counts are inconsistent (count={self.count}, corrected_count={self.corrected_count}): "
-                "the corrected slice is part of the held-out data"
+                "the corrected slice is part of the test items"
             )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvaluationMetrics:
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationMetrics:
         """Build from a dict such as :meth:`to_dict` gives (unknown keys ignored)."""
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
         return cls(**known)
@@ -66,35 +86,82 @@ class EvaluationMetrics:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class GatePolicy:
-    """Margins and floors of the gate; fractions in [0, 1]."""
+class GatePolicy(BaseModel):
+    """Margins, minimum counts and floors of the gate (margins and floors are fractions); the one home of
+    these options (the flows' ``GateOptions`` derive from it)."""
 
-    max_accuracy_drop: float = 0.01
-    max_macro_f1_drop: float = 0.01
-    max_corrected_accuracy_drop: float = 0.0
-    min_accuracy: float = 0.5
-    min_macro_f1: float = 0.0
-    min_corrected_items: int = 3
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_accuracy_drop: float = Field(
+        default=0.05, ge=0, le=1, description="Non-inferiority margin on overall test accuracy."
+    )
+    max_macro_f1_drop: float = Field(default=0.05, ge=0, le=1, description="Margin on macro F1.")
+    max_class_accuracy_drop: float = Field(
+        default=0.15, ge=0, le=1, description="Margin on each class's accuracy (recall)."
+    )
+    max_corrected_accuracy_drop: float = Field(
+        default=0.10, ge=0, le=1, description="Margin on the corrected-label slice."
+    )
+    max_reference_accuracy_drop: float = Field(
+        default=0.05, ge=0, le=1, description="Margin against the first blessed model's recorded scores."
+    )
+    min_accuracy: float = Field(default=0.5, ge=0, le=1, description="Absolute accuracy floor.")
+    min_macro_f1: float = Field(default=0.0, ge=0, le=1, description="Absolute macro F1 floor.")
+    min_class_items: int = Field(default=20, ge=1, description="Test items a class needs to decide.")
+    min_corrected_items: int = Field(default=20, ge=1, description="Test items the corrected slice needs.")
+    min_reference_items: int = Field(
+        default=20, ge=1, description="Shared test items the reference comparison needs."
+    )
+    confidence: float = Field(default=0.95, ge=0.5, lt=1, description="Level of the two-sided intervals.")
+    bootstrap_samples: int = Field(default=2000, ge=100, description="Bootstrap replicates per interval.")
+    seed: int = Field(default=0, description="Bootstrap seed: the same answers give the same decision.")
+    flag_confidence: float = Field(
+        default=0.9, ge=0, le=1, description="Probability above which a confident disagreement is flagged."
+    )
+
+
+@dataclass(frozen=True)
+class GateItem:
+    """One scored image: its content hash, submitted label, split, and whether it is a correction."""
+
+    sha256: str
+    label: str
+    split: str = "test"
+    corrected: bool = False
+
+
+@dataclass(frozen=True)
+class ModelAnswers:
+    """One model's top-1 label and its probability for each item, in item order."""
+
+    labels: tuple[str, ...]
+    confidences: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_accuracy_drop",
-            "max_macro_f1_drop",
-            "max_corrected_accuracy_drop",
-            "min_accuracy",
-            "min_macro_f1",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise GateError(f"gate policy {name}={value} must be a fraction between 0 and 1")
-        if self.min_corrected_items < 1:
-            raise GateError(f"gate policy min_corrected_items={self.min_corrected_items} must be at least 1")
+        if len(self.labels) != len(self.confidences):
+            raise GateError("answers need one confidence per predicted label")
+
+
+@dataclass(frozen=True)
+class ReferenceScores:
+    """Which test items (sha256) the first blessed model got right; the fixed yardstick against drift."""
+
+    run_id: str
+    correct: Mapping[str, bool]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "correct": dict(sorted(self.correct.items()))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReferenceScores:
+        return cls(
+            run_id=str(data["run_id"]), correct={str(k): bool(v) for k, v in dict(data["correct"]).items()}
+        )
 
 
 @dataclass(frozen=True)
 class GateCheck:
-    """One rule of the gate, with the numbers it compared."""
+    """One rule of the gate with its numbers: point estimates, the difference and its interval."""
 
     name: str
     passed: bool
@@ -103,11 +170,28 @@ class GateCheck:
     limit: float | None
     detail: str
     skipped: bool = False
+    count: int = 0
+    difference: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+@dataclass(frozen=True)
+class FlaggedItem:
+    """A corrected item both models confidently put under another label than the submitted one."""
+
+    sha256: str
+    label: str
+    split: str
+    candidate_label: str
+    candidate_confidence: float
+    champion_label: str
+    champion_confidence: float
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    """The gate's verdict: passed or not, why, and both models' metrics."""
+    """The gate's verdict: passed or not, why, both models' metrics, every check with its interval."""
 
     passed: bool
     reason: str
@@ -115,6 +199,12 @@ class GateDecision:
     champion: EvaluationMetrics | None
     policy: GatePolicy
     checks: tuple[GateCheck, ...] = field(default_factory=tuple)
+    flagged: tuple[FlaggedItem, ...] = ()
+    candidate_scores: Mapping[str, bool] = field(default_factory=dict)
+    reference: ReferenceScores | None = None
+
+    def class_checks(self) -> list[GateCheck]:
+        return [check for check in self.checks if check.name.startswith("class ")]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,44 +212,55 @@ class GateDecision:
             "reason": self.reason,
             "candidate": self.candidate.to_dict(),
             "champion": self.champion.to_dict() if self.champion else None,
-            "policy": asdict(self.policy),
+            "policy": self.policy.model_dump(),
             "checks": [asdict(check) for check in self.checks],
+            "flagged": [asdict(item) for item in self.flagged],
+            "test_items": self.candidate.count,
+            "reference_run": self.reference.run_id if self.reference else None,
         }
 
     def to_markdown(self, *, title: str = "Model gate") -> str:
-        """A markdown report: verdict, reason, a metrics table for both models and the checks."""
+        """A markdown report a person reads in seconds: verdict, reason, one row per check, flagged items."""
         verdict = "PASSED" if self.passed else "REFUSED"
-        rows = [
-            ("accuracy", self.candidate.accuracy, self.champion.accuracy if self.champion else None),
-            ("macro F1", self.candidate.macro_f1, self.champion.macro_f1 if self.champion else None),
-            (
-                "corrected-label accuracy",
-                self.candidate.corrected_accuracy,
-                self.champion.corrected_accuracy if self.champion else None,
-            ),
-            (
-                "corrected-label macro F1",
-                self.candidate.corrected_macro_f1,
-                self.champion.corrected_macro_f1 if self.champion else None,
-            ),
-        ]
+        level = f"{self.policy.confidence:.0%}"
         lines = [
             f"# {title}: {verdict}",
             "",
             f"**Reason:** {self.reason}",
             "",
-            "| metric | candidate | champion |",
-            "| --- | --- | --- |",
+            f"{self.candidate.count} test items ({self.candidate.corrected_count} corrected labels); "
+            f"intervals: paired bootstrap, {level}, seed {self.policy.seed}.",
+            "",
+            f"| check | items | candidate | champion | difference ({level} CI) | limit | result |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        lines += [f"| {name} | {_fmt(cand)} | {_fmt(champ)} |" for name, cand, champ in rows]
-        champion_count = str(self.champion.count) if self.champion else "-"
-        champion_corrected = str(self.champion.corrected_count) if self.champion else "-"
-        lines.append(f"| held-out items | {self.candidate.count} | {champion_count} |")
-        lines.append(f"| corrected-label items | {self.candidate.corrected_count} | {champion_corrected} |")
-        lines += ["", "| check | result | detail |", "| --- | --- | --- |"]
         for check in self.checks:
-            result = "skipped" if check.skipped else ("pass" if check.passed else "FAIL")
-            lines.append(f"| {check.name} | {result} | {check.detail} |")
+            result = "not used" if check.skipped else ("pass" if check.passed else "**FAIL**")
+            interval = (
+                f"{check.difference:+.3f} ({check.ci_low:+.3f} to {check.ci_high:+.3f})"
+                if check.difference is not None and check.ci_low is not None and check.ci_high is not None
+                else "-"
+            )
+            limit = "-" if check.limit is None else f"{check.limit:+.3f}"
+            lines.append(
+                f"| {check.name} | {check.count} | {_fmt(check.candidate)} | {_fmt(check.reference)} | "
+                f"{interval} | {limit} | {result} |"
+            )
+        if self.flagged:
+            lines += [
+                "",
+                f"**Flagged:** {len(self.flagged)} corrected item(s) both models confidently label otherwise "
+                "(possible mislabel or poisoning):",
+                "",
+                "| sha256 | submitted | candidate | champion |",
+                "| --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| {item.sha256[:12]} | {item.label} | {item.candidate_label} "
+                f"({item.candidate_confidence:.2f}) | {item.champion_label} "
+                f"({item.champion_confidence:.2f}) |"
+                for item in self.flagged
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -167,126 +268,105 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _floor_check(name: str, value: float, floor: float) -> GateCheck:
-    passed = value >= floor
-    relation = ">=" if passed else "<"
-    return GateCheck(
-        name=f"{name} floor",
-        passed=passed,
-        candidate=value,
-        reference=None,
-        limit=floor,
-        detail=f"candidate {name} {value:.4f} {relation} floor {floor:.4f}",
-    )
+# --- statistics ---------------------------------------------------------------------------------------
 
 
-def _drop_check(name: str, candidate: float, champion: float, max_drop: float) -> GateCheck:
-    limit = champion - max_drop
-    # A tiny tolerance keeps float noise (0.9 - 0.0 vs 0.8999999) from refusing an equal model.
-    passed = candidate >= limit - 1e-9
-    relation = ">=" if passed else "<"
-    return GateCheck(
-        name=f"{name} vs champion",
-        passed=passed,
-        candidate=candidate,
-        reference=champion,
-        limit=limit,
-        detail=(
-            f"candidate {name} {candidate:.4f} {relation} champion {champion:.4f} - margin {max_drop:.4f}"
-        ),
-    )
+def _rng(seed: int) -> np.random.Generator:
+    import numpy as np
+
+    return np.random.default_rng(seed)
 
 
-def evaluate_gate(
-    candidate_metrics: EvaluationMetrics,
-    champion_metrics: EvaluationMetrics | None,
+def paired_accuracy_interval(
+    candidate_correct: Sequence[bool],
+    reference_correct: Sequence[bool],
     *,
-    policy: GatePolicy,
-) -> GateDecision:
-    """Decide whether the candidate may be promoted; pure (no I/O).
+    confidence: float = 0.95,
+    samples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(candidate - reference) accuracy on the same items, with a two-sided paired-bootstrap interval.
 
-    ``champion_metrics`` is None for a first model: then only the absolute floors apply. Both models must
-    have been scored on the same held-out data (same item counts), else :class:`GateError`.
+    Resampling n paired items with replacement only changes how many items of each kind are drawn:
+    candidate-only right (+1), reference-only right (-1), or concordant (0); so the bootstrap is one
+    multinomial draw per replicate. Returns ``(difference, low, high)``; deterministic for a given seed.
     """
-    if champion_metrics is not None and (
-        champion_metrics.count != candidate_metrics.count
-        or champion_metrics.corrected_count != candidate_metrics.corrected_count
-    ):
-        raise GateError(
-            "candidate and champion were scored on different data "
-            f"({candidate_metrics.count}/{candidate_metrics.corrected_count} vs "
-            f"{champion_metrics.count}/{champion_metrics.corrected_count} items/corrected items); "
-            "evaluate both on the same held-out records"
-        )
-    if candidate_metrics.count == 0:
-        raise GateError("the held-out data is empty: nothing to judge the candidate on; add validation data")
+    import numpy as np
 
-    checks: list[GateCheck] = [
-        _floor_check("accuracy", candidate_metrics.accuracy, policy.min_accuracy),
-        _floor_check("macro F1", candidate_metrics.macro_f1, policy.min_macro_f1),
-    ]
-    if champion_metrics is not None:
-        checks.append(
-            _drop_check(
-                "accuracy", candidate_metrics.accuracy, champion_metrics.accuracy, policy.max_accuracy_drop
-            )
-        )
-        checks.append(
-            _drop_check(
-                "macro F1", candidate_metrics.macro_f1, champion_metrics.macro_f1, policy.max_macro_f1_drop
-            )
-        )
-        checks.append(_corrected_check(candidate_metrics, champion_metrics, policy))
-
-    failed = [check for check in checks if not check.passed]
-    skipped = [check for check in checks if check.skipped]
-    if failed:
-        reason = "refused: " + "; ".join(check.detail for check in failed)
-    elif champion_metrics is None:
-        reason = "passed: first model (no champion), " + "; ".join(
-            check.detail for check in checks if not check.skipped
-        )
-    else:
-        reason = "passed: " + "; ".join(check.detail for check in checks if not check.skipped)
-    if skipped:
-        reason += " (" + "; ".join(check.detail for check in skipped) + ")"
-    return GateDecision(
-        passed=not failed,
-        reason=reason,
-        candidate=candidate_metrics,
-        champion=champion_metrics,
-        policy=policy,
-        checks=tuple(checks),
-    )
+    if len(candidate_correct) != len(reference_correct) or not candidate_correct:
+        raise GateError("paired scores need the same, non-empty list of items for both models")
+    cand = np.asarray(candidate_correct, dtype=bool)
+    ref = np.asarray(reference_correct, dtype=bool)
+    n = len(cand)
+    better = int(np.sum(cand & ~ref))
+    worse = int(np.sum(~cand & ref))
+    difference = (better - worse) / n
+    if better == worse == 0:
+        return 0.0, 0.0, 0.0
+    draws = _rng(seed).multinomial(n, [better / n, worse / n, (n - better - worse) / n], size=samples)
+    replicates = (draws[:, 0] - draws[:, 1]) / n
+    alpha = 1.0 - confidence
+    low, high = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
+    return difference, float(low), float(high)
 
 
-def _corrected_check(
-    candidate: EvaluationMetrics, champion: EvaluationMetrics, policy: GatePolicy
-) -> GateCheck:
-    name = "corrected-label accuracy"
-    if (
-        candidate.corrected_count < policy.min_corrected_items
-        or candidate.corrected_accuracy is None
-        or champion.corrected_accuracy is None
-    ):
-        return GateCheck(
-            name=f"{name} vs champion",
-            passed=True,
-            skipped=True,
-            candidate=candidate.corrected_accuracy,
-            reference=champion.corrected_accuracy,
-            limit=None,
-            detail=(
-                f"corrected-label slice not compared: {candidate.corrected_count} held-out corrected "
-                f"item(s), fewer than min_corrected_items={policy.min_corrected_items}"
-            ),
-        )
-    return _drop_check(
-        name, candidate.corrected_accuracy, champion.corrected_accuracy, policy.max_corrected_accuracy_drop
-    )
+def _macro_f1(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    denominator = predicted + support
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp, dtype=float), where=denominator > 0)
+    present = denominator > 0
+    counts = present.sum(axis=-1)
+    return np.divide(f1.sum(axis=-1), counts, out=np.zeros(counts.shape), where=counts > 0)
 
 
-# --- evaluation glue: score both models on the same held-out files -------------------------------------
+def paired_macro_f1_interval(
+    truths: Sequence[str],
+    candidate: Sequence[str],
+    reference: Sequence[str],
+    *,
+    confidence: float = 0.95,
+    samples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(candidate - reference) macro F1 on the same items with a paired-bootstrap interval (items are
+    resampled, both models keep their answers per item). Macro F1 as :func:`training.evaluate.compute_report`
+    (labels with true items or predictions)."""
+    import numpy as np
+
+    n = len(truths)
+    if not n or len(candidate) != n or len(reference) != n:
+        raise GateError("paired scores need the same, non-empty list of items for both models")
+    order = sorted({*truths, *candidate, *reference})
+    index = {label: i for i, label in enumerate(order)}
+    eye = np.eye(len(order))
+    truth = eye[[index[t] for t in truths]]
+    per_model = []
+    for answers in (candidate, reference):
+        guess = eye[[index[a] for a in answers]]
+        per_model.append((truth * guess, guess))
+
+    def macro(weights: np.ndarray) -> np.ndarray:
+        support = weights @ truth
+        return np.stack([_macro_f1(weights @ tp, weights @ guess, support) for tp, guess in per_model])
+
+    point = macro(np.ones((1, n)))
+    difference = float(point[0, 0] - point[1, 0])
+    rng = _rng(seed)
+    chunk = max(1, 2_000_000 // n)
+    replicates: list[np.ndarray] = []
+    for start in range(0, samples, chunk):
+        rows = min(chunk, samples - start)
+        picks = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
+        weights = np.bincount(picks.ravel(), minlength=rows * n).reshape(rows, n).astype(float)
+        values = macro(weights)
+        replicates.append(values[0] - values[1])
+    alpha = 1.0 - confidence
+    low, high = np.quantile(np.concatenate(replicates), [alpha / 2, 1 - alpha / 2])
+    return difference, float(low), float(high)
+
+
+# --- the decision -------------------------------------------------------------------------------------
 
 
 def score_predictions(
@@ -294,13 +374,12 @@ def score_predictions(
 ) -> EvaluationMetrics:
     """Metrics overall and on the corrected-label slice, from one predicted label name per item.
 
-    Accuracy and macro F1 are computed like training's validation metrics
-    (:func:`training.evaluate.compute_report`).
+    Accuracy and macro F1 are computed like training's metrics (:func:`training.evaluate.compute_report`).
     """
     from training.evaluate import compute_report
 
     if not len(truths) == len(predictions) == len(corrected):
-        raise GateError("truths, predictions and corrected flags must have one entry per held-out item")
+        raise GateError("truths, predictions and corrected flags must have one entry per test item")
 
     def report(pairs: list[tuple[str, str]]) -> tuple[float, float]:
         order = sorted({label for pair in pairs for label in pair})
@@ -322,32 +401,323 @@ def score_predictions(
     )
 
 
-def score_on_records(
-    predict: LabelPredictFn,
+def _floor_check(name: str, value: float, floor: float, count: int) -> GateCheck:
+    passed = value >= floor
+    relation = ">=" if passed else "<"
+    return GateCheck(
+        name=f"{name} floor",
+        passed=passed,
+        candidate=value,
+        reference=None,
+        limit=floor,
+        count=count,
+        detail=f"candidate {name} {value:.4f} {relation} floor {floor:.4f}",
+    )
+
+
+def _non_inferiority(
+    name: str,
+    *,
+    against: str,
+    count: int,
+    candidate: float,
+    reference: float,
+    interval: tuple[float, float, float],
+    margin: float,
+    policy: GatePolicy,
+) -> GateCheck:
+    difference, low, high = interval
+    # A tiny tolerance keeps float noise from refusing a candidate exactly at the margin.
+    passed = low >= -margin - 1e-9
+    relation = ">=" if passed else "below"
+    return GateCheck(
+        name=name,
+        passed=passed,
+        candidate=candidate,
+        reference=reference,
+        limit=-margin,
+        count=count,
+        difference=difference,
+        ci_low=low,
+        ci_high=high,
+        detail=(
+            f"{name}: candidate {candidate:.3f} vs {against} {reference:.3f} on {count} items, difference "
+            f"{difference:+.3f} ({policy.confidence:.0%} CI {low:+.3f} to {high:+.3f}), lower bound "
+            f"{relation} -{margin:.3f}"
+        ),
+    )
+
+
+def _too_few(name: str, count: int, minimum: int, option: str) -> GateCheck:
+    return GateCheck(
+        name=name,
+        passed=True,
+        skipped=True,
+        candidate=None,
+        reference=None,
+        limit=None,
+        count=count,
+        detail=f"{name}: {count} items, too few to decide (min {minimum}, {option}); not used",
+    )
+
+
+def _accuracy_check(
+    name: str,
+    rows: Sequence[int],
+    cand_right: Sequence[bool],
+    champ_right: Sequence[bool],
+    *,
+    against: str,
+    margin: float,
+    minimum: int,
+    option: str,
+    policy: GatePolicy,
+) -> GateCheck:
+    if len(rows) < minimum:
+        return _too_few(name, len(rows), minimum, option)
+    cand = [cand_right[i] for i in rows]
+    champ = [champ_right[i] for i in rows]
+    interval = paired_accuracy_interval(
+        cand, champ, confidence=policy.confidence, samples=policy.bootstrap_samples, seed=policy.seed
+    )
+    return _non_inferiority(
+        name,
+        against=against,
+        count=len(rows),
+        candidate=sum(cand) / len(rows),
+        reference=sum(champ) / len(rows),
+        interval=interval,
+        margin=margin,
+        policy=policy,
+    )
+
+
+def flag_confident_disagreements(
+    items: Sequence[GateItem], candidate: ModelAnswers, champion: ModelAnswers, *, threshold: float
+) -> list[FlaggedItem]:
+    """Corrected items where both models predict a label other than the submitted one with probability
+    at least ``threshold`` (any split)."""
+    flagged = []
+    for i, item in enumerate(items):
+        if not item.corrected:
+            continue
+        cand_label, cand_conf = candidate.labels[i], candidate.confidences[i]
+        champ_label, champ_conf = champion.labels[i], champion.confidences[i]
+        if (
+            cand_label != item.label
+            and champ_label != item.label
+            and cand_conf >= threshold
+            and champ_conf >= threshold
+        ):
+            flagged.append(
+                FlaggedItem(
+                    sha256=item.sha256,
+                    label=item.label,
+                    split=item.split,
+                    candidate_label=cand_label,
+                    candidate_confidence=float(cand_conf),
+                    champion_label=champ_label,
+                    champion_confidence=float(champ_conf),
+                )
+            )
+    return flagged
+
+
+def evaluate_gate(
+    items: Sequence[GateItem],
+    candidate: ModelAnswers,
+    champion: ModelAnswers | None,
+    *,
+    policy: GatePolicy,
+    reference: ReferenceScores | None = None,
+) -> GateDecision:
+    """Decide whether the candidate may be promoted; pure (no I/O), deterministic for a policy's seed.
+
+    ``items`` are every scored image; the statistics use those with ``split == "test"``, the flags use the
+    corrected ones of any split. ``champion`` is None for a first model: then only the floors apply.
+    ``reference`` is the first blessed model's recorded test scores (None: none recorded yet).
+    """
+    for name, answers in (("candidate", candidate), ("champion", champion)):
+        if answers is not None and len(answers.labels) != len(items):
+            raise GateError(
+                f"the {name} answered {len(answers.labels)} items but {len(items)} were scored; score both "
+                "models on the same items"
+            )
+    test = [i for i, item in enumerate(items) if item.split == "test"]
+    if not test:
+        raise GateError("no test items: nothing to judge the candidate on; add images or raise test_fraction")
+    truths = [items[i].label for i in test]
+    corrected = [items[i].corrected for i in test]
+    cand_labels = [candidate.labels[i] for i in test]
+    cand_right = [label == truth for label, truth in zip(cand_labels, truths, strict=True)]
+    cand_metrics = score_predictions(truths, cand_labels, corrected)
+    checks = [
+        _floor_check("accuracy", cand_metrics.accuracy, policy.min_accuracy, len(test)),
+        _floor_check("macro F1", cand_metrics.macro_f1, policy.min_macro_f1, len(test)),
+    ]
+    champ_metrics: EvaluationMetrics | None = None
+    flagged: list[FlaggedItem] = []
+    if champion is not None:
+        champ_labels = [champion.labels[i] for i in test]
+        champ_right = [label == truth for label, truth in zip(champ_labels, truths, strict=True)]
+        champ_metrics = score_predictions(truths, champ_labels, corrected)
+        everything = list(range(len(test)))
+        checks.append(
+            _accuracy_check(
+                "accuracy",
+                everything,
+                cand_right,
+                champ_right,
+                against="champion",
+                margin=policy.max_accuracy_drop,
+                minimum=1,
+                option="",
+                policy=policy,
+            )
+        )
+        checks.append(
+            _non_inferiority(
+                "macro F1",
+                against="champion",
+                count=len(test),
+                candidate=cand_metrics.macro_f1,
+                reference=champ_metrics.macro_f1,
+                interval=paired_macro_f1_interval(
+                    truths,
+                    cand_labels,
+                    champ_labels,
+                    confidence=policy.confidence,
+                    samples=policy.bootstrap_samples,
+                    seed=policy.seed,
+                ),
+                margin=policy.max_macro_f1_drop,
+                policy=policy,
+            )
+        )
+        for label in sorted(set(truths)):
+            checks.append(
+                _accuracy_check(
+                    f"class {label}",
+                    [row for row, truth in enumerate(truths) if truth == label],
+                    cand_right,
+                    champ_right,
+                    against="champion",
+                    margin=policy.max_class_accuracy_drop,
+                    minimum=policy.min_class_items,
+                    option="min_class_items",
+                    policy=policy,
+                )
+            )
+        checks.append(
+            _accuracy_check(
+                "corrected slice",
+                [row for row, flag in enumerate(corrected) if flag],
+                cand_right,
+                champ_right,
+                against="champion",
+                margin=policy.max_corrected_accuracy_drop,
+                minimum=policy.min_corrected_items,
+                option="min_corrected_items",
+                policy=policy,
+            )
+        )
+        flagged = flag_confident_disagreements(items, candidate, champion, threshold=policy.flag_confidence)
+    if reference is not None:
+        shared = [row for row, i in enumerate(test) if items[i].sha256 in reference.correct]
+        recorded = [False] * len(test)
+        for row in shared:
+            recorded[row] = reference.correct[items[test[row]].sha256]
+        checks.append(
+            _accuracy_check(
+                "reference",
+                shared,
+                cand_right,
+                recorded,
+                against=f"first blessed model (run {reference.run_id})",
+                margin=policy.max_reference_accuracy_drop,
+                minimum=policy.min_reference_items,
+                option="min_reference_items",
+                policy=policy,
+            )
+        )
+    elif champion is not None:
+        checks.append(
+            GateCheck(
+                name="reference",
+                passed=True,
+                skipped=True,
+                candidate=None,
+                reference=None,
+                limit=None,
+                detail="reference: no scores recorded for a blessed model yet; not used",
+            )
+        )
+    return GateDecision(
+        passed=all(check.passed for check in checks),
+        reason=_reason(checks, first=champion is None, flagged=len(flagged)),
+        candidate=cand_metrics,
+        champion=champ_metrics,
+        policy=policy,
+        checks=tuple(checks),
+        flagged=tuple(flagged),
+        candidate_scores={items[i].sha256: right for i, right in zip(test, cand_right, strict=True)},
+        reference=reference,
+    )
+
+
+def _reason(checks: Sequence[GateCheck], *, first: bool, flagged: int) -> str:
+    failed = [check for check in checks if not check.passed]
+    decided = [check for check in checks if check.passed and not check.skipped]
+    skipped = [check for check in checks if check.skipped]
+    if failed:
+        text = "refused: " + "; ".join(check.detail for check in failed)
+    else:
+        classes = [check for check in decided if check.name.startswith("class ")]
+        listed = [check.detail for check in decided if not check.name.startswith("class ")]
+        if classes:
+            listed.append(f"{len(classes)} class(es) not worse beyond the class margin")
+        text = ("passed: first model (no champion), " if first else "passed: ") + "; ".join(listed)
+    few_classes = [check for check in skipped if check.name.startswith("class ")]
+    notes = [check.detail for check in skipped if not check.name.startswith("class ")]
+    if few_classes:
+        names = ", ".join(f"{check.name[6:]} ({check.count})" for check in few_classes)
+        notes.append(f"{len(few_classes)} class(es) too few items to decide, not used: {names}")
+    if flagged:
+        notes.append(f"{flagged} corrected item(s) flagged: both models confidently disagree with the label")
+    return text + (" (" + "; ".join(notes) + ")" if notes else "")
+
+
+# --- evaluation glue: both models answer the same files ------------------------------------------------
+
+
+def gate_items(records: Sequence[FileRecord], *, corrected_roots: Collection[str]) -> list[GateItem]:
+    """Gate items from dataset records; a record is a corrected-label item when it comes from one of
+    ``corrected_roots`` (the feedback queue's folders)."""
+    return [
+        GateItem(sha256=r.sha256, label=r.label, split=r.side, corrected=r.root in corrected_roots)
+        for r in records
+    ]
+
+
+def answer_records(
+    predict: TopPredictFn,
     records: Sequence[FileRecord],
     *,
-    corrected_roots: Collection[str],
     batch_size: int = 32,
     read: Callable[[FileRecord], bytes] | None = None,
-) -> EvaluationMetrics:
-    """Run ``predict`` (encoded images -> label names) over ``records`` once and score it.
-
-    A record counts as a corrected-label item when its root is one of ``corrected_roots`` (the feedback
-    queue's folders). A model that does not know an item's label simply gets it wrong.
-    """
+) -> ModelAnswers:
+    """Run ``predict`` (encoded images -> (label, probability) each) over ``records`` once, in batches."""
     read = read or _record_bytes
-    predictions: list[str] = []
+    labels: list[str] = []
+    confidences: list[float] = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        answer = [str(label) for label in predict([read(record) for record in batch])]
+        answer = list(predict([read(record) for record in batch]))
         if len(answer) != len(batch):
             raise GateError(f"the model answered {len(answer)} labels for {len(batch)} images")
-        predictions.extend(answer)
-    return score_predictions(
-        [record.label for record in records],
-        predictions,
-        [record.root in corrected_roots for record in records],
-    )
+        labels.extend(str(label) for label, _ in answer)
+        confidences.extend(float(confidence) for _, confidence in answer)
+    return ModelAnswers(labels=tuple(labels), confidences=tuple(confidences))
 
 
 def _record_bytes(record: FileRecord) -> bytes:
@@ -357,8 +727,8 @@ def _record_bytes(record: FileRecord) -> bytes:
     return local.read_bytes() if local is not None and local.is_file() else storage.read_bytes(record.uri)
 
 
-def savedmodel_predict_fn(saved_model_dir: str) -> LabelPredictFn:
-    """A label predict function over an exported SavedModel's ``serving_default`` (image bytes in).
+def savedmodel_predict_fn(saved_model_dir: str) -> TopPredictFn:
+    """A top-1 predict function over an exported SavedModel's ``serving_default`` (image bytes in).
 
     ``saved_model_dir`` is a local version folder ``<base>/<name>/<version>`` (download GCS first). Labels
     come from ``assets/labels.txt`` in the model's output order.
@@ -373,7 +743,7 @@ def savedmodel_predict_fn(saved_model_dir: str) -> LabelPredictFn:
     loaded = tf.saved_model.load(str(saved_model_dir))
     signature = loaded.signatures["serving_default"]
 
-    def predict(images: list[bytes]) -> list[str]:
+    def predict(images: list[bytes]) -> list[tuple[str, float]]:
         outputs = signature(image_bytes=tf.constant(list(images), dtype=tf.string))
         probabilities = outputs["probabilities"].numpy()
         if probabilities.shape[-1] != len(labels):
@@ -381,26 +751,44 @@ def savedmodel_predict_fn(saved_model_dir: str) -> LabelPredictFn:
                 f"{saved_model_dir} returns {probabilities.shape[-1]} probabilities but lists {len(labels)} "
                 "labels in assets/labels.txt; re-export it"
             )
-        return [labels[i] for i in np.argmax(probabilities, axis=-1)]
+        best = np.argmax(probabilities, axis=-1)
+        return [(labels[i], float(row[i])) for i, row in zip(best, probabilities, strict=True)]
 
     predict.keepalive = loaded  # type: ignore[attr-defined]  # the signature needs its SavedModel alive
     return predict
 
 
 def log_gate_decision(decision: GateDecision, *, run_id: str, tracking_uri: str) -> None:
-    """Record the decision on the candidate's MLflow run: a JSON artifact, metrics and a verdict tag."""
+    """Record the decision on the candidate's MLflow run: ``gate/decision.json`` and ``decision.md``, the
+    per-class change plot, the candidate's per-item test scores, metrics and tags. A passing candidate
+    also gets ``gate/reference.json``: the reference it was held to, or its own scores when none existed
+    (it is then the first blessed model)."""
     import mlflow
 
+    from training.plots import class_change_figure
+
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    client.log_dict(run_id, decision.to_dict(), "gate/decision.json")
+    client.log_dict(run_id, decision.to_dict(), DECISION_ARTIFACT)
     client.log_text(run_id, decision.to_markdown(), "gate/decision.md")
+    client.log_dict(run_id, dict(sorted(decision.candidate_scores.items())), SCORES_ARTIFACT)
+    if decision.class_checks():
+        client.log_figure(run_id, class_change_figure(decision), "gate/class_change.png")
+    if decision.passed:
+        reference = decision.reference or ReferenceScores(run_id=run_id, correct=decision.candidate_scores)
+        client.log_dict(run_id, reference.to_dict(), REFERENCE_ARTIFACT)
+        client.set_tag(run_id, "tfloop.gate_reference_run", reference.run_id)
     metrics: dict[str, float] = {"gate_passed": 1.0 if decision.passed else 0.0}
+    metrics["gate_flagged"] = float(len(decision.flagged))
     for prefix, values in (("gate_candidate", decision.candidate), ("gate_champion", decision.champion)):
         if values is None:
             continue
         for key, value in values.to_dict().items():
             if value is not None:
                 metrics[f"{prefix}_{key}"] = float(value)
+    for check in decision.checks:
+        if check.name == "accuracy" and check.ci_low is not None:
+            metrics["gate_accuracy_difference"] = float(check.difference or 0.0)
+            metrics["gate_accuracy_difference_ci_low"] = float(check.ci_low)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.set_tag(run_id, "tfloop.gate", "passed" if decision.passed else "refused")

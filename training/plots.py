@@ -1,4 +1,5 @@
-"""Figures logged with every training run: the confusion matrix and the training curves.
+"""Figures logged with every training run (the confusion matrix, the training curves) and with every gate
+decision (the per-class change of candidate against champion, with intervals).
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot, no global state, no display).
 """
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from training.evaluate import EvalReport
+    from training.gate import GateDecision
 
 
 def confusion_matrix_figure(report: EvalReport, *, title: str = "Validation confusion matrix") -> Figure:
@@ -64,4 +66,36 @@ def training_curves_figure(
         axes.set_xlabel("epoch")
         axes.set_title(metric)
         axes.legend()
+    return figure
+
+
+def class_change_figure(decision: GateDecision) -> Figure:
+    """Per class: candidate minus champion accuracy on the test items with its interval, the margin as a
+    dashed line; red for a failed class, grey for a class with too few items to decide."""
+    from matplotlib.figure import Figure
+
+    checks = decision.class_checks()
+    figure = Figure(figsize=(8, max(2.5, 0.45 * len(checks) + 1.5)), layout="constrained")
+    axes = figure.add_subplot()
+    for row, check in enumerate(checks):
+        if check.skipped or check.difference is None or check.ci_low is None or check.ci_high is None:
+            axes.annotate(f"{check.count} items: not used", (0, row), color="grey", va="center", ha="center")
+            continue
+        color = "tab:blue" if check.passed else "tab:red"
+        axes.errorbar(
+            check.difference,
+            row,
+            xerr=[[check.difference - check.ci_low], [check.ci_high - check.difference]],
+            fmt="o",
+            color=color,
+            capsize=4,
+        )
+    margin = decision.policy.max_class_accuracy_drop
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    axes.axvline(-margin, color="tab:red", linewidth=0.8, linestyle="--", label=f"margin -{margin:.2f}")
+    axes.set_yticks(range(len(checks)), [f"{c.name[6:]} ({c.count})" for c in checks])
+    axes.set_xlim(-1.05, 1.05)
+    axes.set_xlabel(f"candidate - champion accuracy ({decision.policy.confidence:.0%} interval)")
+    axes.set_title("Per-class change on the test items: " + ("PASSED" if decision.passed else "REFUSED"))
+    axes.legend(loc="lower right")
     return figure

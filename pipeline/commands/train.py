@@ -59,8 +59,17 @@ def train_command(
             "backbone: the head trains on cached features.",
         ),
     ] = False,
-    validation_fraction: Annotated[float, typer.Option(help="Share of files on the validation side.")] = 0.2,
-    min_images: Annotated[int, typer.Option(help="Minimum valid images per label.", min=1)] = 5,
+    validation_fraction: Annotated[
+        float,
+        typer.Option(help="Share of images (by content hash) for early stopping and best-epoch choice."),
+    ] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(help="Share of images (by content hash) held out for the promotion gate only.")
+    ] = 0.2,
+    min_images: Annotated[
+        int,
+        typer.Option(help="Labels with fewer distinct images are reported and left out of the run.", min=1),
+    ] = 5,
     patience: Annotated[
         int, typer.Option(help="Early stopping: epochs without a better validation accuracy.", min=1)
     ] = 8,
@@ -85,7 +94,8 @@ def train_command(
         bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")
     ] = False,
 ) -> None:
-    """Train a transfer-learning classifier, evaluate it on the validation split and log the run to MLflow."""
+    """Train a transfer-learning classifier (early stopping on the validation split), score it on the test
+    split and log the run to MLflow."""
     from pydantic import ValidationError
 
     from pipeline.settings import TfloopSettings
@@ -110,6 +120,7 @@ def train_command(
             unfreeze=unfreeze,
             augment=augment,
             validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
             min_images_per_label=min_images,
             patience=patience,
             seed=seed,
@@ -151,11 +162,23 @@ def train_command(
         return
     report = result.data_report
     typer.echo(f"run {result.run_id} ({result.model_name}, {', '.join(result.phases)} on {result.device})")
+    split = report.split_counts
     typer.echo(
         f"data: {report.images} images, {len(result.labels)} labels, {report.skipped_total} files skipped, "
         f"fingerprint {report.fingerprint[:12]}"
     )
-    typer.echo(f"validation accuracy {result.accuracy:.3f}, macro F1 {result.macro_f1:.3f}")
+    typer.echo(
+        f"split: train {split['train']}, validation {split['validation']}, test {split['test']}; "
+        f"{report.duplicates} duplicate file(s) counted once, {report.quarantined_count} image(s) "
+        "quarantined (same bytes, different labels)"
+    )
+    for label, count in report.excluded_labels.items():
+        minimum = report.min_images_per_label
+        typer.echo(f"left out: label {label!r} has {count} image(s), fewer than {minimum}")
+    typer.echo(
+        f"test accuracy {result.accuracy:.3f}, macro F1 {result.macro_f1:.3f} "
+        f"(validation accuracy {result.validation_report.accuracy:.3f})"
+    )
     for label, metrics in result.eval_report.per_class.items():
         typer.echo(
             f"  {label:>20}: precision {metrics.precision:.3f} recall {metrics.recall:.3f} "
