@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any
 
@@ -33,18 +34,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import tfserving
 from serving.batching import DynamicBatcher
-from serving.errors import InvalidInput, ModelNotReady, NotFound, ServingError, Unauthorized
+from serving.errors import (
+    ImageMismatch,
+    ImageRequired,
+    InvalidInput,
+    ModelNotReady,
+    NotFound,
+    ServingError,
+    Unauthorized,
+)
 from serving.events import PrefectEventSender, feedback_event
-from serving.feedback import FeedbackItem, FeedbackQueue, RecentPrediction, RecentPredictions, check_label
+from serving.feedback import FeedbackItem, FeedbackQueue, RecentImage, RecentImages, check_label
 from serving.images import ImageInfo, check_image_header, validate_image
 from serving.metrics import ServingMetrics
-from serving.model import DEFAULT_SIGNATURE, ModelManager, Prediction, ServedModel
+from serving.model import (
+    DEFAULT_SIGNATURE,
+    ImageJob,
+    ModelManager,
+    Prediction,
+    ServedModel,
+    VersionStatus,
+    image_job_group,
+    predict_jobs,
+)
 from serving.settings import ServingSettings
+from serving.tokens import MAX_TOKEN_CHARS, PredictionClaim, PredictionSigner, signer_for
 
 logger = logging.getLogger(__name__)
 
 LARGE_IMAGE_BYTES = 256 * 1024
 INTERNAL_ERROR = "internal error; the server logged the details"
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 
 class InFlight:
@@ -80,11 +100,19 @@ class Services:
     settings: ServingSettings
     metrics: ServingMetrics
     manager: ModelManager
-    batcher: DynamicBatcher[bytes, Prediction]
+    batcher: DynamicBatcher[ImageJob, Prediction]
     queue: FeedbackQueue
-    recent: RecentPredictions
+    recent: RecentImages
+    signer: PredictionSigner
     events: PrefectEventSender | None
     in_flight: InFlight
+    draining: bool = field(default=False)
+
+    def drain(self) -> None:
+        """Start draining: /readyz answers 503 from now on, every other route keeps serving."""
+        if not self.draining:
+            logger.info("draining: /readyz answers 503; requests are still served")
+        self.draining = True
 
     async def validate(self, data: bytes) -> ImageInfo:
         """Validate an image (in a thread when it is large enough to take a while)."""
@@ -98,40 +126,41 @@ def build_services(settings: ServingSettings) -> Services:
     metrics = ServingMetrics()
 
     def loaded(model: ServedModel) -> None:
-        metrics.model_version.labels(model.name).set(model.version)
         metrics.model_loads.labels(model.name, "ok").inc()
 
     def failed(_version: int, _message: str) -> None:
         metrics.model_loads.labels(settings.model_name, "failed").inc()
 
     manager = ModelManager(settings, on_loaded=loaded, on_load_failed=failed)
+    metrics.model_version.labels(settings.model_name).set_function(
+        lambda: manager.loaded.live.version if manager.loaded.live is not None else 0
+    )
 
-    def predict(images: Any) -> list[Prediction]:
-        return manager.require().predict_bytes(images)
-
-    def screen(image: bytes) -> ServingError | None:
-        """Why ``image`` alone is bad (Pillow's full decode), after the model refused its batch."""
+    def screen(job: ImageJob) -> ServingError | None:
+        """Why an image alone is bad (Pillow's full decode), after the model refused its batch."""
         try:
-            validate_image(image, max_pixels=settings.max_image_pixels)
+            validate_image(job.image, max_pixels=settings.max_image_pixels)
         except ServingError as error:
             return error
         return None
 
     in_flight = InFlight()
-    batcher: DynamicBatcher[bytes, Prediction] = DynamicBatcher(
-        predict,
+    batcher: DynamicBatcher[ImageJob, Prediction] = DynamicBatcher(
+        predict_jobs,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         on_batch=metrics.batch_size.observe,
         requests_in_flight=lambda: in_flight.count,
         peak_in_flight=in_flight.recent_peak,
         screen=screen,
+        group=image_job_group,
         workers=settings.batch_workers,
     )
     events = None
     if settings.prefect_api_url:
         events = PrefectEventSender(
             settings.prefect_api_url,
+            api_key=settings.prefect_api_key,
             timeout_s=settings.event_timeout_s,
             on_result=lambda ok: metrics.events.labels("sent" if ok else "failed").inc(),
         )
@@ -141,9 +170,10 @@ def build_services(settings: ServingSettings) -> Services:
         manager=manager,
         batcher=batcher,
         queue=FeedbackQueue(settings.feedback_uri),
-        recent=RecentPredictions(
+        recent=RecentImages(
             max_items=settings.recent_predictions, max_bytes=settings.recent_predictions_bytes
         ),
+        signer=signer_for(settings.feedback_secret, ttl_s=settings.prediction_ttl_s),
         events=events,
         in_flight=in_flight,
     )
@@ -184,9 +214,12 @@ class LabelScore(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    prediction_id: str = Field(description="Cite it in /feedback to correct this classification.")
+    prediction_id: str = Field(
+        description="A signed id of this classification: send it to /feedback, with the image as 'file', "
+        "to correct it (any replica accepts it)."
+    )
     model_name: str
-    model_version: int
+    model_version: int = Field(description="The version that computed this answer.")
     top_k: list[LabelScore]
 
 
@@ -309,7 +342,14 @@ class MetricsMiddleware:
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
 
 
-PREDICT_PATH = re.compile(r"/v1/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?:predict")
+PREDICT_PATH = re.compile(
+    r"/v1/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/]+))?:predict"
+)
+PREDICT_ROUTES = {
+    "latest": "/v1/models/{name}:predict",
+    "version": "/v1/models/{name}/versions/{version}:predict",
+    "label": "/v1/models/{name}/labels/{label}:predict",
+}
 
 
 class PredictLane:
@@ -320,18 +360,18 @@ class PredictLane:
     stay declared on the app, for /docs and the OpenAPI schema; the lane answers them exactly as they would.
     """
 
-    def __init__(self, app: ASGIApp, *, services: Services, routes: Mapping[bool, BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, *, services: Services, routes: Mapping[str, BaseRoute]) -> None:
         self.app = app
         self.services = services
-        self.routes = routes  # by "names a version": for the metrics' route label
+        self.routes = routes  # by the keys of PREDICT_ROUTES: for the metrics' route label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = PREDICT_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
         if match is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        version = match["version"]
-        scope["route"] = self.routes[version is not None]
+        version, label = match["version"], match["label"]
+        scope["route"] = self.routes["version" if version else "label" if label else "latest"]
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -340,15 +380,20 @@ class PredictLane:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
+        model: ServedModel | None = None
         try:
             body = parse_predict_body(b"".join(chunks))
-            content = await run_predict(self.services, match["name"], int(version) if version else None, body)
-            response = JSONResponse(content)
+            model = self.services.manager.resolve(
+                match["name"], version=int(version) if version else None, label=label
+            )
+            response = JSONResponse(await run_predict(self.services, model, body))
         except ServingError as error:
             response = _error(error.status_code, str(error))
         except Exception:  # the server must answer, never die; logged
             logger.exception("unexpected error in :predict")
             response = _error(500, INTERNAL_ERROR)
+        if model is not None:
+            response.headers[MODEL_VERSION_HEADER] = str(model.version)
         await response(scope, receive, send)
 
 
@@ -446,12 +491,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     _add_routes(app)
     routes = {getattr(route, "path", ""): route for route in app.routes}
     app.add_middleware(
-        PredictLane,
-        services=services,
-        routes={
-            False: routes["/v1/models/{name}:predict"],
-            True: routes["/v1/models/{name}/versions/{version}:predict"],
-        },
+        PredictLane, services=services, routes={kind: routes[path] for kind, path in PREDICT_ROUTES.items()}
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=services.metrics, in_flight=services.in_flight)
@@ -459,22 +499,26 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
 
 def _add_routes(app: FastAPI) -> None:
-    # PredictLane answers the two predict routes before the router sees them; they are declared for /docs.
-    @app.post("/v1/models/{name}:predict", tags=["tensorflow-serving"], response_model=dict[str, Any])
+    # PredictLane answers the predict routes before the router sees them; they are declared for /docs.
+    @app.post(PREDICT_ROUTES["latest"], tags=["tensorflow-serving"], response_model=dict[str, Any])
     async def predict(name: str, body: PredictRequest, services: ServicesDep) -> JSONResponse:
-        """TF Serving predict (row ``instances`` or columnar ``inputs``; binary as ``{"b64": ...}``)."""
-        return JSONResponse(await run_predict(services, name, None, body.model_dump()))
+        """TF Serving predict on the live version (row ``instances`` or columnar ``inputs``; binary as
+        ``{"b64": ...}``). The ``X-Model-Version`` header names the version that answered."""
+        return await predict_route(services, body, name)
 
-    @app.post(
-        "/v1/models/{name}/versions/{version}:predict",
-        tags=["tensorflow-serving"],
-        response_model=dict[str, Any],
-    )
+    @app.post(PREDICT_ROUTES["version"], tags=["tensorflow-serving"], response_model=dict[str, Any])
     async def predict_version(
         name: str, version: int, body: PredictRequest, services: ServicesDep
     ) -> JSONResponse:
-        """TF Serving predict on one version."""
-        return JSONResponse(await run_predict(services, name, version, body.model_dump()))
+        """TF Serving predict on exactly one loaded version (404 when it is not loaded)."""
+        return await predict_route(services, body, name, version=version)
+
+    @app.post(PREDICT_ROUTES["label"], tags=["tensorflow-serving"], response_model=dict[str, Any])
+    async def predict_label(
+        name: str, label: str, body: PredictRequest, services: ServicesDep
+    ) -> JSONResponse:
+        """TF Serving predict on the version a label names: ``live`` or ``candidate`` (404 when none)."""
+        return await predict_route(services, body, name, label=label)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -487,7 +531,10 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(services: ServicesDep) -> dict[str, Any]:
-        """Readiness: a model version is loaded and warmed up (503 until then)."""
+        """Readiness: the live version is loaded and warmed up, and the server is not draining (503
+        otherwise)."""
+        if services.draining:
+            raise ModelNotReady("draining: this server is shutting down and takes no new traffic")
         model = services.manager.require()
         return {"status": "ready", "model_name": model.name, "model_version": model.version}
 
@@ -498,11 +545,13 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/info", tags=["classify"])
     async def info(services: ServicesDep) -> dict[str, Any]:
-        """The served model, its labels, and what feedback accepts (used by the page)."""
+        """The live model, its labels, the loaded versions, and what feedback accepts (used by the page)."""
         model = services.manager.require()
+        candidate = services.manager.loaded.candidate
         return {
             "model_name": model.name,
             "model_version": model.version,
+            "candidate_version": candidate.version if candidate is not None else None,
             "labels": model.labels,
             "allow_new_labels": services.settings.allow_new_labels,
             "token_required": services.settings.token is not None,
@@ -510,88 +559,63 @@ def _add_routes(app: FastAPI) -> None:
 
     # TensorFlow Serving REST -------------------------------------------------------------------
 
-    def version_status(services: Services, name: str, version: int | None) -> dict[str, Any]:
-        manager = services.manager
-        if name != services.settings.model_name:
-            raise NotFound(f"Servable not found for request: Latest({name})")
-        model = manager.current
-        if model is None or (version is not None and version != model.version):
-            if version is not None and model is not None:
-                raise NotFound(f"Servable not found for request: Specific({name}, {version})")
-            state = manager.state
-            return {
-                "model_version_status": [
-                    {
-                        "version": str(version or 0),
-                        "state": state,
-                        "status": {
-                            "error_code": "UNKNOWN" if manager.last_error else "OK",
-                            "error_message": manager.last_error or "",
-                        },
-                    }
-                ]
-            }
-        return {
-            "model_version_status": [
-                {
-                    "version": str(model.version),
-                    "state": "AVAILABLE",
-                    "status": {"error_code": "OK", "error_message": ""},
-                }
-            ]
-        }
-
     @app.get("/v1/models/{name}", tags=["tensorflow-serving"])
     async def model_status(name: str, services: ServicesDep) -> dict[str, Any]:
-        """TF Serving model status."""
-        return version_status(services, name, None)
+        """TF Serving model status: every version this server has loaded (AVAILABLE), is loading, or
+        failed to load."""
+        return version_status(services, name)
 
     @app.get("/v1/models/{name}/versions/{version}", tags=["tensorflow-serving"])
     async def model_version_status(name: str, version: int, services: ServicesDep) -> dict[str, Any]:
         """TF Serving model status of one version."""
-        return version_status(services, name, version)
+        return version_status(services, name, version=version)
 
-    def metadata(services: Services, name: str, version: int | None) -> dict[str, Any]:
-        model = services.manager.require_version(name, version)
-        return {
-            "model_spec": {"name": model.name, "signature_name": "", "version": str(model.version)},
-            "metadata": {"signature_def": {"signature_def": model.signature_def()}},
-        }
+    @app.get("/v1/models/{name}/labels/{label}", tags=["tensorflow-serving"])
+    async def model_label_status(name: str, label: str, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving model status of the version a label (``live``, ``candidate``) names."""
+        return version_status(services, name, label=label)
 
     @app.get("/v1/models/{name}/metadata", tags=["tensorflow-serving"])
     async def model_metadata(name: str, services: ServicesDep) -> dict[str, Any]:
-        """TF Serving metadata: the signatures."""
-        return metadata(services, name, None)
+        """TF Serving metadata of the live version: the signatures."""
+        return model_metadata_answer(services.manager.resolve(name))
 
     @app.get("/v1/models/{name}/versions/{version}/metadata", tags=["tensorflow-serving"])
     async def model_version_metadata(name: str, version: int, services: ServicesDep) -> dict[str, Any]:
-        """TF Serving metadata of one version."""
-        return metadata(services, name, version)
+        """TF Serving metadata of one loaded version."""
+        return model_metadata_answer(services.manager.resolve(name, version=version))
+
+    @app.get("/v1/models/{name}/labels/{label}/metadata", tags=["tensorflow-serving"])
+    async def model_label_metadata(name: str, label: str, services: ServicesDep) -> dict[str, Any]:
+        """TF Serving metadata of the version a label names."""
+        return model_metadata_answer(services.manager.resolve(name, label=label))
 
     # classify and feedback -----------------------------------------------------------------------
 
     @app.post("/classify", tags=["classify"], response_model=ClassifyResponse)
     async def classify(
-        file: Annotated[UploadFile, File(description="The image.")], services: ServicesDep
+        file: Annotated[UploadFile, File(description="The image.")], services: ServicesDep, response: Response
     ) -> ClassifyResponse:
-        """Classify one uploaded image (``curl -F file=@cat.jpg``); answers the top-k labels."""
+        """Classify one uploaded image with the live version (``curl -F file=@cat.jpg``); answers the top-k
+        labels and a signed ``prediction_id`` for /feedback."""
         data = await file.read()
         info = await services.validate(data)
-        services.manager.require()
-        prediction = await predict_image(services, data, where="file")
-        top_k = [
-            LabelScore(label=c, score=s) for c, s in zip(prediction.classes, prediction.scores, strict=True)
-        ]
-        prediction_id = uuid.uuid4().hex
-        services.recent.put(
-            prediction_id,
-            RecentPrediction(data, info.extension, [t.model_dump() for t in top_k], prediction.model_version),
-        )
+        model = services.manager.require()
+        prediction = await predict_image(services, model, data, where="file")
+        response.headers[MODEL_VERSION_HEADER] = str(prediction.model_version)
+        top_k = list(zip(prediction.classes, prediction.scores, strict=True))
+        image_sha256 = hashlib.sha256(data).hexdigest()
+        services.recent.put(image_sha256, RecentImage(data, info.extension))
         return ClassifyResponse(
-            prediction_id=prediction_id,
-            model_name=services.settings.model_name,
+            prediction_id=services.signer.issue(
+                image_sha256=image_sha256,
+                model_name=model.name,
+                model_version=prediction.model_version,
+                top_k=top_k,
+            ),
+            model_name=model.name,
             model_version=prediction.model_version,
-            top_k=top_k,
+            top_k=[LabelScore(label=label, score=score) for label, score in top_k],
         )
 
     @app.post("/feedback", tags=["feedback"], status_code=202, response_model=FeedbackResponse)
@@ -599,11 +623,17 @@ def _add_routes(app: FastAPI) -> None:
         services: ServicesDep,
         _auth: TokenDep,
         label: Annotated[str, Form(max_length=200, description="The right label.")],
-        prediction_id: Annotated[str | None, Form(max_length=64, description="From /classify.")] = None,
+        prediction_id: Annotated[
+            str | None,
+            Form(max_length=MAX_TOKEN_CHARS, description="From /classify; send the image with it as 'file'."),
+        ] = None,
         note: Annotated[str | None, Form(max_length=2000, description="Free text for reviewers.")] = None,
-        file: Annotated[UploadFile | None, File(description="The image, if no prediction_id.")] = None,
+        file: Annotated[
+            UploadFile | None, File(description="The image: the classified one with a prediction_id, or any.")
+        ] = None,
     ) -> FeedbackResponse:
-        """Queue a corrected label for an earlier classification or for an uploaded image (202)."""
+        """Queue a corrected label (202) for an earlier classification (``prediction_id`` with the image
+        as ``file``) or for an image alone."""
         try:
             return await store_feedback(services, label, prediction_id, note, file)
         except ServingError:
@@ -616,10 +646,60 @@ def _add_routes(app: FastAPI) -> None:
         return await asyncio.to_thread(services.queue.stats)
 
 
-async def predict_image(services: Services, data: bytes, *, where: str) -> Prediction:
-    """One validated image through the batcher; a model failure on it is the client's 400."""
+def _status_entry(status: VersionStatus) -> dict[str, Any]:
+    return {
+        "version": str(status.version),
+        "state": status.state,
+        "status": {"error_code": "UNKNOWN" if status.error else "OK", "error_message": status.error},
+    }
+
+
+def version_status(
+    services: Services, name: str, *, version: int | None = None, label: str | None = None
+) -> dict[str, Any]:
+    """TF Serving's ``GetModelStatus`` answer for the model, one version, or the version of a label."""
+    manager = services.manager
+    if name != services.settings.model_name:
+        raise NotFound(f"Servable not found for request: Latest({name})")
+    statuses = manager.statuses()
+    if label is not None:
+        version = manager.resolve(name, label=label).version
+    if version is not None:
+        statuses = [status for status in statuses if status.version == version]
+    if not statuses:
+        if version is not None and manager.loaded.models:
+            raise NotFound(f"Servable not found for request: Specific({name}, {version})")
+        statuses = [VersionStatus(version or 0, manager.state, manager.last_error or "")]
+    return {"model_version_status": [_status_entry(status) for status in statuses]}
+
+
+def model_metadata_answer(model: ServedModel) -> dict[str, Any]:
+    """TF Serving's ``GetModelMetadata`` answer for one loaded version."""
+    return {
+        "model_spec": {"name": model.name, "signature_name": "", "version": str(model.version)},
+        "metadata": {"signature_def": {"signature_def": model.signature_def()}},
+    }
+
+
+async def predict_route(
+    services: Services,
+    body: PredictRequest,
+    name: str,
+    *,
+    version: int | None = None,
+    label: str | None = None,
+) -> JSONResponse:
+    """A declared predict route's answer (the lane answers these paths the same way)."""
+    model = services.manager.resolve(name, version=version, label=label)
+    content = await run_predict(services, model, body.model_dump())
+    return JSONResponse(content, headers={MODEL_VERSION_HEADER: str(model.version)})
+
+
+async def predict_image(services: Services, model: ServedModel, data: bytes, *, where: str) -> Prediction:
+    """One image (header checked) classified by ``model`` through the dynamic batcher; a model failure on
+    it alone is the client's 400."""
     try:
-        return await services.batcher.submit(data)
+        return await services.batcher.submit(ImageJob(model, data))
     except InvalidInput as error:
         raise InvalidInput(f"{where}: {error}") from error
     except ServingError:
@@ -631,11 +711,9 @@ async def predict_image(services: Services, data: bytes, *, where: str) -> Predi
         ) from error
 
 
-async def run_predict(
-    services: Services, name: str, version: int | None, body: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The answer to a ``:predict`` body (the fields of :class:`PredictRequest`); ServingError otherwise."""
-    model = services.manager.require_version(name, version)
+async def run_predict(services: Services, model: ServedModel, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer of ``model`` to a ``:predict`` body (the fields of :class:`PredictRequest`);
+    ServingError otherwise."""
     signature_name = body.get("signature_name") or DEFAULT_SIGNATURE
     specs = model.request_specs(signature_name)
     parsed = tfserving.parse_predict(body, specs, max_instances=services.settings.max_instances)
@@ -656,16 +734,14 @@ async def run_predict(
                 tfserving.decode_strings, values, name=input_name, validate=check
             )
         if len(images) == 1:
-            predictions = [await predict_image(services, images[0], where=f"{input_name}[0]")]
+            predictions = [await predict_image(services, model, images[0], where=f"{input_name}[0]")]
         else:
             predictions = await asyncio.gather(
                 *(
-                    predict_image(services, image, where=f"{input_name}[{i}]")
+                    predict_image(services, model, image, where=f"{input_name}[{i}]")
                     for i, image in enumerate(images)
                 )
             )
-        if version is None and len({p.model_version for p in predictions}) > 1:
-            logger.info("a request spanned a version swap; answers come from both versions")
         return tfserving.format_rows([p.outputs() for p in predictions], parsed.format)
 
     arrays: dict[str, Any] = {}
@@ -694,6 +770,44 @@ async def _run_model(
         ) from error
 
 
+def _known_labels(services: Services, claim: PredictionClaim | None) -> list[str] | None:
+    """Labels feedback may use: the live version's, plus those of the version that made the prediction
+    when it is loaded here; None when no version is loaded."""
+    view = services.manager.loaded
+    labels = list(view.live.labels) if view.live is not None else []
+    cited = view.models.get(claim.model_version) if claim is not None else None
+    if cited is not None:
+        labels += [label for label in cited.labels if label not in labels]
+    return labels if view.live is not None or cited is not None else None
+
+
+async def _feedback_image(
+    services: Services, claim: PredictionClaim | None, file: UploadFile | None
+) -> tuple[bytes, str]:
+    """The image of a feedback item and its extension: the one sent (which must be the classified one when a
+    prediction_id is cited), or this replica's copy of the cited classification's image."""
+    if file is not None:
+        data = await file.read()
+        info = await services.validate(data)
+        if claim is not None and hashlib.sha256(data).hexdigest() != claim.image_sha256:
+            raise ImageMismatch(
+                "the image sent is not the one this prediction_id was issued for (their sha256 differ); send "
+                "the classified image with its prediction_id, or send this image without a prediction_id"
+            )
+        return data, info.extension
+    if claim is not None:
+        kept = services.recent.get(claim.image_sha256)
+        if kept is None:
+            raise ImageRequired(
+                "send the image with the prediction_id (as 'file'): this server does not hold the classified "
+                "image (another replica may have classified it, or it was evicted)"
+            )
+        return kept.image, kept.extension
+    raise InvalidInput(
+        "send either the prediction_id of a classification with its image, or the image as 'file'"
+    )
+
+
 async def store_feedback(
     services: Services,
     label: str,
@@ -701,33 +815,23 @@ async def store_feedback(
     note: str | None,
     file: UploadFile | None,
 ) -> FeedbackResponse:
-    model = services.manager.current
-    if model is None and not services.settings.allow_new_labels:
+    claim = services.signer.verify(prediction_id) if prediction_id else None
+    known = _known_labels(services, claim)
+    if known is None and not services.settings.allow_new_labels:
         raise ModelNotReady("no model is loaded yet, so labels cannot be checked; retry when /readyz is 200")
-    known = model.labels if model is not None else []
-    checked = check_label(label, known=known, allow_new=services.settings.allow_new_labels)
-    recent = services.recent.get(prediction_id) if prediction_id else None
-    if file is not None:
-        data = await file.read()
-        info = await services.validate(data)
-        image, extension = data, info.extension
-    elif recent is not None:
-        image, extension = recent.image, recent.extension
-    elif prediction_id:
-        raise NotFound(
-            f"prediction_id {prediction_id!r} is unknown or expired (only recent ones are kept); "
-            "send the image itself as 'file'"
-        )
-    else:
-        raise InvalidInput("send either the prediction_id of a classification or the image as 'file'")
+    checked = check_label(label, known=known or [], allow_new=services.settings.allow_new_labels)
+    image, extension = await _feedback_image(services, claim, file)
     item = FeedbackItem(
         image=image,
         extension=extension,
         label=checked,
-        prediction_id=prediction_id if recent is not None else None,
-        predicted=recent.predicted if recent is not None else (),
-        model_name=services.settings.model_name,
-        model_version=recent.model_version if recent is not None else (model.version if model else None),
+        prediction_id=prediction_id if claim is not None else None,
+        predicted=claim.predicted() if claim is not None else (),
+        model_name=claim.model_name if claim is not None else services.settings.model_name,
+        model_version=claim.model_version if claim is not None else None,
+        predicted_at=(
+            datetime.fromtimestamp(claim.issued_at, UTC).isoformat() if claim is not None else None
+        ),
         note=note,
     )
     receipt = await asyncio.to_thread(services.queue.submit, item)

@@ -7,7 +7,8 @@ requests are in progress that no worker holds (a lone request never waits). It r
 a thread so the event loop keeps serving, while up to ``workers`` batches run at once. If a batched call
 raises, an optional ``screen`` finds the items that are bad on their own (they fail with its error) and the
 rest run again as one batch; what still fails is retried one by one, so only the item that is really bad
-fails.
+fails. With a ``group`` function, one batch holds items of one group only (one model version per model
+call): an item of another group met while a batch forms is held back, in order, for the next batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -24,6 +26,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 BatchFunction = Callable[[Sequence[Item]], Sequence[Result]]
 Screen = Callable[[Item], BaseException | None]
+Group = Callable[[Item], Hashable]
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +52,11 @@ class DynamicBatcher(Generic[Item, Result]):
         requests_in_flight: Callable[[], int] | None = None,
         peak_in_flight: Callable[[], int] | None = None,
         screen: Screen[Item] | None = None,
+        group: Group[Item] | None = None,
     ) -> None:
         self._predict = predict
         self._screen = screen
+        self._group = group
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.workers = workers
@@ -59,6 +64,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._requests_in_flight = requests_in_flight
         self._peak_in_flight = peak_in_flight
         self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
+        self._held: deque[_Pending[Item, Result]] = deque()  # taken from the queue, of another group
         self._tasks: list[asyncio.Task[None]] = []
         self._last_batch_size = 0
         self._in_hand: list[list[_Pending[Item, Result]]] = []
@@ -84,6 +90,8 @@ class DynamicBatcher(Generic[Item, Result]):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        while self._held:
+            self._held.popleft().future.cancel()
         if self._queue is not None:
             while not self._queue.empty():
                 pending = self._queue.get_nowait()
@@ -105,15 +113,15 @@ class DynamicBatcher(Generic[Item, Result]):
     async def _collect(self, batch: list[_Pending[Item, Result]]) -> list[_Pending[Item, Result]]:
         """Fill ``batch`` (in place, so a cancelled worker can still settle what it holds)."""
         assert self._queue is not None
-        first = await self._queue.get()
+        first = self._held.popleft() if self._held else await self._queue.get()
         batch.append(first)
+        key = self._group(first.item) if self._group is not None else None
         deadline = first.enqueued_at + self.max_wait_s
         while len(batch) < self._share(batch):
-            try:
-                batch.append(self._queue.get_nowait())
+            item = self._take_nowait(key)
+            if item is not None:
+                batch.append(item)
                 continue
-            except asyncio.QueueEmpty:
-                pass
             if not self._others_may_join(batch):
                 break  # waiting would only add latency
             remaining = deadline - time.perf_counter()
@@ -122,9 +130,30 @@ class DynamicBatcher(Generic[Item, Result]):
             item = await self._get_within(remaining)
             if item is None:
                 break
+            if self._group is not None and self._group(item.item) != key:
+                self._held.append(item)
+                continue
             batch.append(item)
         self._last_batch_size = len(batch)
         return [pending for pending in batch if not pending.future.done()]
+
+    def _take_nowait(self, key: Hashable) -> _Pending[Item, Result] | None:
+        """The oldest waiting item of group ``key`` (held back ones first), without waiting; items of other
+        groups met on the way are held back for the next batch."""
+        assert self._queue is not None
+        if self._held:
+            for index, pending in enumerate(self._held):
+                if self._group is None or self._group(pending.item) == key:
+                    del self._held[index]
+                    return pending
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+            if self._group is None or self._group(pending.item) == key:
+                return pending
+            self._held.append(pending)
 
     async def _get_within(self, timeout: float) -> _Pending[Item, Result] | None:
         """The next queued item within ``timeout`` seconds, else None. Unlike ``asyncio.wait_for`` on

@@ -45,3 +45,21 @@ class FeedbackStoreError(ServingError):
     """The feedback queue could not store an item (storage outage); the client may retry."""
 
     status_code = 503
+
+
+class InvalidPredictionId(InvalidInput):
+    """A prediction_id that /classify did not issue (malformed, changed, or signed with another key)."""
+
+
+class ExpiredPredictionId(NotFound):
+    """A genuine prediction_id older than the configured lifetime."""
+
+
+class ImageMismatch(InvalidInput):
+    """The image sent with a prediction_id is not the one that was classified."""
+
+
+class ImageRequired(ServingError):
+    """Feedback cites a prediction_id but this replica does not hold its image and none was sent."""
+
+    status_code = 422

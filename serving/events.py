@@ -1,8 +1,9 @@
 """Prefect events over plain HTTP: ``tfloop.feedback.received`` for the retraining trigger.
 
 Posts to the Prefect 3 server's ``POST {PREFECT_API_URL}/events`` endpoint (a JSON list of events) with
-httpx, without importing prefect. Sending happens in background tasks: an outage is logged and counted,
-and never delays or refuses feedback.
+httpx, without importing prefect; an API key (``PREFECT_API_KEY``) goes as ``Authorization: Bearer``.
+Sending happens in background tasks: an outage is logged and counted, and never delays or refuses
+feedback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +43,22 @@ class PrefectEventSender:
     """Fire-and-forget sender of events to one Prefect API; ``on_result(ok)`` counts outcomes."""
 
     def __init__(
-        self, api_url: str, *, timeout_s: float, on_result: Callable[[bool], None] | None = None
+        self,
+        api_url: str,
+        *,
+        timeout_s: float,
+        api_key: SecretStr | None = None,
+        on_result: Callable[[bool], None] | None = None,
     ) -> None:
         self.events_url = api_url.rstrip("/") + "/events"
         self._timeout_s = timeout_s
+        self._headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
         self._on_result = on_result
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._timeout_s)
+        self._client = httpx.AsyncClient(timeout=self._timeout_s, headers=self._headers)
 
     async def stop(self, *, drain_s: float = 2.0) -> None:
         """Give pending sends ``drain_s`` to finish, then close the client."""

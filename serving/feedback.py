@@ -1,11 +1,11 @@
-"""The durable feedback queue (docs/contracts.md "serving -> pipeline") and the bounded memory of recent
-classifications that feedback may cite by ``prediction_id``.
+"""The durable feedback queue (docs/contracts.md "serving -> pipeline") and a bounded memory of recently
+classified images.
 
 Layout below the root (local folder or ``gs://`` prefix):
 ``pending/<label>/<sha256>.<ext>`` (the image, content-addressed), ``records/<feedback_id>.json`` (label,
-prediction_id, predicted top-k, model version, received-at, note). Both are written with
-``storage.write_if_absent`` before the caller answers 202, so nothing is ever overwritten and the same
-image with the same label is stored once (the feedback id is derived from both).
+prediction_id, the model name and version that made the prediction, its top-k and when, received-at,
+note). Both are written with ``storage.write_if_absent`` before the caller answers 202, so nothing is ever
+overwritten and the same image with the same label is stored once (the feedback id is derived from both).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class FeedbackItem:
     predicted: Sequence[dict[str, Any]] = ()
     model_name: str | None = None
     model_version: int | None = None
+    predicted_at: str | None = None
     note: str | None = None
 
 
@@ -94,6 +95,7 @@ class FeedbackQueue:
             "predicted": list(item.predicted),
             "model_name": item.model_name,
             "model_version": item.model_version,
+            "predicted_at": item.predicted_at,
             "received_at": datetime.now(UTC).isoformat(),
             "note": (item.note or "")[:MAX_NOTE_CHARS] or None,
         }
@@ -129,38 +131,43 @@ class FeedbackQueue:
 
 
 @dataclass(frozen=True)
-class RecentPrediction:
-    """A classification kept so that feedback can refer to it by id."""
+class RecentImage:
+    """An image this replica classified lately, kept so that feedback may cite it by id alone."""
 
     image: bytes
     extension: str
-    predicted: list[dict[str, Any]]
-    model_version: int
 
 
-class RecentPredictions:
-    """A thread-safe LRU of recent classifications, bounded by count and by total image bytes."""
+class RecentImages:
+    """A thread-safe LRU of recently classified images by sha256, bounded by count and by total bytes.
+
+    Only an optimisation for clients that post a prediction_id without the image to the replica that
+    classified it: correctness never depends on it (any replica accepts the image sent with the id).
+    """
 
     def __init__(self, *, max_items: int, max_bytes: int) -> None:
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, RecentPrediction] = OrderedDict()
+        self._items: OrderedDict[str, RecentImage] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, prediction_id: str, entry: RecentPrediction) -> None:
+    def put(self, image_sha256: str, entry: RecentImage) -> None:
         if self.max_items == 0 or len(entry.image) > self.max_bytes:
             return
         with self._lock:
-            self._items[prediction_id] = entry
+            previous = self._items.pop(image_sha256, None)
+            if previous is not None:
+                self._bytes -= len(previous.image)
+            self._items[image_sha256] = entry
             self._bytes += len(entry.image)
             while len(self._items) > self.max_items or self._bytes > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= len(evicted.image)
 
-    def get(self, prediction_id: str) -> RecentPrediction | None:
+    def get(self, image_sha256: str) -> RecentImage | None:
         with self._lock:
-            return self._items.get(prediction_id)
+            return self._items.get(image_sha256)

@@ -1,5 +1,5 @@
-"""The served model: one exported SavedModel version (:class:`ServedModel`) and the manager that picks,
-loads, warms up and hot-swaps versions (:class:`ModelManager`).
+"""The served model: one exported SavedModel version (:class:`ServedModel`) and the manager that keeps the
+live and the candidate version loaded, warmed up, and follows promotions (:class:`ModelManager`).
 
 Reads the export format of docs/contracts.md ("export -> serving"): ``<base>/<name>/<version>/`` with
 ``saved_model.pb`` (complete marker), ``tfloop.json`` and the signatures ``serving_default``
@@ -18,9 +18,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -211,6 +211,26 @@ class ServedModel:
             self.predict_bytes([buffer.getvalue()] * batch_size)
 
 
+class ImageJob(NamedTuple):
+    """One encoded image for the dynamic batcher, with the model version that must classify it."""
+
+    model: ServedModel
+    image: bytes
+
+
+def image_job_group(job: ImageJob) -> ServedModel:
+    """The batcher's group of a job: its model, so that one model call never mixes versions."""
+    return job.model
+
+
+def predict_jobs(jobs: Sequence[ImageJob]) -> list[Prediction]:
+    """The batch function: one model call for jobs of one model (the batcher groups them so)."""
+    model = jobs[0].model
+    if any(job.model is not model for job in jobs):
+        raise RuntimeError("a batch mixed model versions; the batcher must group jobs by model")
+    return model.predict_bytes([job.image for job in jobs])
+
+
 class ModelState:
     """Names of the load states, as TF Serving reports them in ``model_version_status``."""
 
@@ -220,11 +240,41 @@ class ModelState:
     END = "END"
 
 
-class ModelManager:
-    """Picks the version to serve (latest complete or pinned), loads and warms it, and hot-swaps.
+@dataclass(frozen=True)
+class LoadedVersions:
+    """What the manager serves at one moment; replaced whole (one assignment), never changed in place."""
 
-    ``current`` is replaced by one assignment after the new version is loaded and warmed up; requests
-    already holding the old model finish on it.
+    models: Mapping[int, ServedModel] = field(default_factory=dict)
+    live: ServedModel | None = None
+    candidate: ServedModel | None = None
+
+    def labels_of(self, version: int) -> list[str]:
+        """TF Serving's version labels (``live``, ``candidate``) that point at ``version``."""
+        return [
+            label
+            for label, model in ((versions.LIVE_LABEL, self.live), (versions.CANDIDATE_LABEL, self.candidate))
+            if model is not None and model.version == version
+        ]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One entry of TF Serving's ``model_version_status``."""
+
+    version: int
+    state: str
+    error: str = ""
+    labels: tuple[str, ...] = ()
+
+
+class ModelManager:
+    """Keeps the **live** version (unpinned requests) and the newest **candidate** above it (pinned and
+    labelled requests only) loaded, and follows ``<base>/<name>/live.json`` (docs/contracts.md).
+
+    ``refresh`` (the poller calls it every poll interval) loads what the pointer and the published versions
+    ask for and then swaps :attr:`loaded` in one assignment: a promotion moves every replica within one
+    poll, publishing only adds a candidate. Requests resolve a :class:`ServedModel` once
+    (:meth:`resolve`) and run on it to the end, so an answer is always computed by the version it names.
     """
 
     def __init__(
@@ -235,21 +285,27 @@ class ModelManager:
         on_load_failed: Callable[[int, str], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.current: ServedModel | None = None
+        self.loaded = LoadedVersions()
         self.state = ModelState.START
         self.last_error: str | None = None
-        self.failed: dict[int, float] = {}
+        self.failed: dict[int, tuple[float, str]] = {}  # version -> (monotonic time, message)
+        self._loading: int | None = None
         self._on_loaded = on_loaded
         self._on_load_failed = on_load_failed
         self._lock = threading.Lock()
 
     @property
+    def current(self) -> ServedModel | None:
+        """The live model, or None before the first version is loaded."""
+        return self.loaded.live
+
+    @property
     def ready(self) -> bool:
-        return self.current is not None and self.current.ready
+        return self.loaded.live is not None
 
     def require(self) -> ServedModel:
-        """The model now serving, or ModelNotReady (503)."""
-        model = self.current
+        """The live model, or ModelNotReady (503)."""
+        model = self.loaded.live
         if model is None:
             detail = f": {self.last_error}" if self.last_error else ""
             raise ModelNotReady(
@@ -258,26 +314,60 @@ class ModelManager:
             )
         return model
 
-    def require_version(self, name: str, version: int | None) -> ServedModel:
-        """The model for a TF Serving request naming ``name`` and optionally ``version``; 404 otherwise."""
+    def resolve(self, name: str, *, version: int | None = None, label: str | None = None) -> ServedModel:
+        """The loaded model a request for ``name`` gets: the live version, or exactly the ``version`` or the
+        ``label`` (``live``/``candidate``) it names. NotFound (404, TF Serving's messages) when that is not
+        loaded, never another version; ModelNotReady (503) when nothing is loaded yet."""
         if name != self.settings.model_name:
             what = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
             raise NotFound(f"Servable not found for request: {what}")
-        model = self.require()
-        if version is not None and version != model.version:
+        if version is not None and label is not None:
+            raise InvalidInput("name either a version or a version label, not both")
+        view = self.loaded
+        if version is not None:
+            model = view.models.get(version)
+            if model is None:
+                served = ", ".join(str(v) for v in sorted(view.models)) or "none"
+                raise NotFound(
+                    f"Servable not found for request: Specific({name}, {version}); loaded versions: {served}"
+                )
+            return model
+        if label is None or label == versions.LIVE_LABEL:
+            return self.require()
+        if label == versions.CANDIDATE_LABEL and view.candidate is not None:
+            return view.candidate
+        known = ", ".join(sorted({versions.LIVE_LABEL, versions.CANDIDATE_LABEL}))
+        if label == versions.CANDIDATE_LABEL:
             raise NotFound(
-                f"Servable not found for request: Specific({name}, {version}); "
-                f"version {model.version} is being served"
+                f"Unrecognized servable version label: {label} (no version above the live one is loaded)"
             )
-        return model
+        raise NotFound(f"Unrecognized servable version label: {label} (labels: {known})")
 
-    def target_version(self) -> int | None:
-        """The version that should be served now: the pinned one if complete, else the latest complete."""
+    def statuses(self) -> list[VersionStatus]:
+        """TF Serving's status of every version this server knows: loaded ones AVAILABLE (newest first), the
+        one loading, and those that failed to load."""
+        view = self.loaded
+        entries = [
+            VersionStatus(v, ModelState.AVAILABLE, labels=tuple(view.labels_of(v)))
+            for v in sorted(view.models, reverse=True)
+        ]
+        loading = self._loading
+        if loading is not None and loading not in view.models:
+            entries.append(VersionStatus(loading, ModelState.LOADING))
+        for version, (_, message) in sorted(self.failed.items(), reverse=True):
+            if version not in view.models and version != loading:
+                entries.append(VersionStatus(version, ModelState.END, error=message))
+        return entries
+
+    def targets(self) -> tuple[int | None, int | None]:
+        """(live, candidate) versions to serve now: the pinned version alone, or the live pointer's
+        (the newest complete without one) and the newest complete version above it."""
         base, name = self.settings.model_base, self.settings.model_name
         pinned = self.settings.pinned_version
         if pinned is not None:
-            return pinned if versions.is_complete(base, name, pinned) else None
-        return versions.latest_version(base, name)
+            return (pinned if versions.is_complete(base, name, pinned) else None), None
+        live = versions.live_version(base, name)
+        return live, versions.candidate_version(base, name, live=live)
 
     def _local_copy(self, version: int) -> Path:
         source = versions.version_uri(self.settings.model_base, self.settings.model_name, version)
@@ -304,47 +394,77 @@ class ModelManager:
         return model
 
     def refresh(self) -> bool:
-        """Load and swap in the target version if it differs from the current one. True if swapped.
+        """Load what :meth:`targets` asks for and swap it in; True when what is served changed.
 
-        Blocking (call it in a thread). Failures are recorded and logged, never raised: the old version
-        keeps serving.
+        Blocking (call it in a thread). Failures are recorded and logged, never raised: a live version that
+        fails to load leaves the previous live one serving.
         """
         with self._lock:
             try:
-                target = self.target_version()
+                live_target, candidate_target = self.targets()
             except storage.StorageError as error:
-                self._record_failure(None, f"cannot list versions: {error}")
+                self._record_failure(None, f"cannot read the versions: {error}")
                 return False
-            current = self.current
-            if target is None:
-                if current is None:
+            view = self.loaded
+            if live_target is None:
+                if view.live is None:
                     self.last_error = self._missing_message()
                 return False
-            if current is not None and current.version == target:
+            models = dict(view.models)
+            for version in (live_target, candidate_target):
+                if version is not None and version not in models and self._may_load(version):
+                    loaded = self._load(version, first=view.live is None)
+                    if loaded is not None:
+                        models[version] = loaded
+            for version in self.failed.keys() - {live_target, candidate_target}:
+                del self.failed[version]  # no longer wanted: forget it, and retry at once if wanted again
+            live = models.get(live_target) or view.live
+            candidate = models.get(candidate_target) if candidate_target is not None else None
+            if candidate is live:
+                candidate = None
+            keep = {model.version: model for model in (live, candidate) if model is not None}
+            if live is view.live and candidate is view.candidate and keep.keys() == view.models.keys():
                 return False
-            failed_at = self.failed.get(target)
-            if failed_at is not None and time.monotonic() - failed_at < self.settings.retry_failed_after_s:
-                return False
-            if current is None:
-                self.state = ModelState.LOADING
-            started = time.perf_counter()
-            try:
-                model = self.load_version(target)
-            except Exception as error:  # noqa: BLE001 -- a broken version must not stop serving
-                self._record_failure(
-                    target, f"version {target} failed to load: {type(error).__name__}: {error}"
-                )
-                return False
-            self.current = model
+            self.loaded = LoadedVersions(models=keep, live=live, candidate=candidate)
+            if live is None:
+                return True
             self.state = ModelState.AVAILABLE
             self.last_error = None
-            self.failed.pop(target, None)
-            logger.info(
-                "serving %s version %d (loaded in %.1fs)", model.name, target, time.perf_counter() - started
-            )
-            if self._on_loaded is not None:
-                self._on_loaded(model)
+            if live is not view.live:
+                logger.info("%s: live version %d", live.name, live.version)
+            if candidate is not None and candidate is not view.candidate:
+                logger.info(
+                    "%s: candidate version %d (pinned and labelled requests only)",
+                    live.name,
+                    candidate.version,
+                )
+            for dropped in view.models.keys() - keep.keys():
+                logger.info("%s: version %d unloaded", live.name, dropped)
             return True
+
+    def _may_load(self, version: int) -> bool:
+        failed = self.failed.get(version)
+        return failed is None or time.monotonic() - failed[0] >= self.settings.retry_failed_after_s
+
+    def _load(self, version: int, *, first: bool) -> ServedModel | None:
+        if first:
+            self.state = ModelState.LOADING
+        self._loading = version
+        started = time.perf_counter()
+        try:
+            model = self.load_version(version)
+        except Exception as error:  # noqa: BLE001 -- a broken version must not stop serving
+            self._record_failure(
+                version, f"version {version} failed to load: {type(error).__name__}: {error}"
+            )
+            return None
+        finally:
+            self._loading = None
+        self.failed.pop(version, None)
+        logger.info("%s: version %d loaded in %.1fs", model.name, version, time.perf_counter() - started)
+        if self._on_loaded is not None:
+            self._on_loaded(model)
+        return model
 
     def _missing_message(self) -> str:
         pinned = self.settings.pinned_version
@@ -357,8 +477,8 @@ class ModelManager:
         logger.error("%s", message)
         self.last_error = message
         if version is not None:
-            self.failed[version] = time.monotonic()
+            self.failed[version] = (time.monotonic(), message)
             if self._on_load_failed is not None:
                 self._on_load_failed(version, message)
-        if self.current is None:
-            self.state = ModelState.END if version is not None else self.state
+        if self.loaded.live is None and version is not None:
+            self.state = ModelState.END

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VersionPolicy = Literal["latest"] | int
+MIN_SECRET_CHARS = 16
 
 
 class ServingSettings(BaseSettings):
@@ -83,10 +84,34 @@ class ServingSettings(BaseSettings):
     )
     max_instances: int = Field(default=64, ge=1, description="Most instances in one :predict request.")
     recent_predictions: int = Field(
-        default=1000, ge=0, description="Classifications kept so that feedback can cite a prediction_id."
+        default=1000,
+        ge=0,
+        description="Images of recent classifications kept by this replica, so that feedback posted here "
+        "with only the prediction_id finds its image (an optimisation: any replica accepts the image sent "
+        "with the prediction_id).",
     )
     recent_predictions_bytes: int = Field(
         default=256 * 1024 * 1024, ge=0, description="Memory bound of the kept classifications' images."
+    )
+    feedback_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TFLOOP_FEEDBACK_SECRET", "feedback_secret"),
+        description="Key that signs prediction_ids (HMAC-SHA256); every replica needs the same one so that "
+        "feedback is accepted by any of them. None: a random key per process (one replica only).",
+    )
+    prediction_ttl_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="How long a prediction_id is accepted by /feedback."
+    )
+    drain_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="After SIGTERM: seconds /readyz answers 503 while new requests are still served (the "
+        "load balancer stops sending them), before the server stops accepting connections.",
+    )
+    shutdown_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="After the drain: longest wait for requests in progress before they are cancelled.",
     )
     allow_new_labels: bool = Field(default=False, description="Accept feedback labels the model lacks.")
     token: SecretStr | None = Field(
@@ -96,6 +121,11 @@ class ServingSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("TFLOOP_SERVE_PREFECT_API_URL", "PREFECT_API_URL", "prefect_api_url"),
         description="Prefect API (e.g. http://127.0.0.1:4200/api) that receives feedback events.",
+    )
+    prefect_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TFLOOP_SERVE_PREFECT_API_KEY", "PREFECT_API_KEY", "prefect_api_key"),
+        description="Prefect API key (Prefect Cloud, or a server behind auth): sent as a bearer token.",
     )
     event_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one Prefect event POST.")
     log_level: str = Field(default="info", description="uvicorn log level.")
@@ -110,10 +140,20 @@ class ServingSettings(BaseSettings):
             return text
         return value
 
-    @field_validator("token", mode="before")
+    @field_validator("token", "feedback_secret", "prefect_api_key", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: object) -> object:
+    def _empty_secret_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("feedback_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"TFLOOP_FEEDBACK_SECRET must have at least {MIN_SECRET_CHARS} characters; "
+                "make one with `openssl rand -hex 32`"
+            )
+        return value
 
     @property
     def pinned_version(self) -> int | None:

@@ -1,5 +1,5 @@
 """The durable feedback queue on local disk and on a GCS emulator: layout, idempotence, no overwrite,
-label checks, concurrency, and the bounded memory of recent classifications."""
+label checks, concurrency, and the bounded memory of recently classified images."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 import storage
 from serving.errors import InvalidInput
-from serving.feedback import FeedbackItem, FeedbackQueue, RecentPrediction, RecentPredictions, check_label
+from serving.feedback import FeedbackItem, FeedbackQueue, RecentImage, RecentImages, check_label
 
 LABELS = ["cat", "dog", "fish"]
 
@@ -108,10 +108,14 @@ def test_queue_refuses_unsafe_label_even_when_called_directly(tmp_path) -> None:
     assert not list(tmp_path.rglob("*"))
 
 
-def test_recent_predictions_are_bounded_by_count_and_bytes() -> None:
-    recent = RecentPredictions(max_items=3, max_bytes=100)
+def test_recent_images_are_bounded_by_count_and_bytes() -> None:
+    recent = RecentImages(max_items=3, max_bytes=100)
     for i in range(5):
-        recent.put(str(i), RecentPrediction(b"x" * 10, "png", [], 1))
+        recent.put(str(i), RecentImage(b"x" * 10, "png"))
     assert len(recent) == 3 and recent.get("0") is None and recent.get("4") is not None
-    recent.put("big", RecentPrediction(b"x" * 95, "png", [], 1))
+    recent.put("4", RecentImage(b"y" * 10, "png"))  # the same image again: one entry, counted once
+    assert len(recent) == 3 and recent.get("4") == RecentImage(b"y" * 10, "png")
+    recent.put("big", RecentImage(b"x" * 95, "png"))
     assert len(recent) == 1 and recent.get("big") is not None
+    recent.put("huge", RecentImage(b"x" * 101, "png"))  # over the byte bound alone: not kept
+    assert recent.get("huge") is None and recent.get("big") is not None

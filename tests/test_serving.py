@@ -316,8 +316,10 @@ def test_classify_then_feedback(model_base: str, tmp_path: Path, exported_model:
     data = image_bytes(5, "JPEG")
     expected = direct_probabilities(exported_model, [data])[0]
     with client(settings_for(model_base, tmp_path)) as api:
-        result = api.post("/classify", files={"file": ("cat.jpg", data, "application/octet-stream")}).json()
+        answer = api.post("/classify", files={"file": ("cat.jpg", data, "application/octet-stream")})
+        result = answer.json()
         assert result["model_name"] == NAME and result["model_version"] == 1
+        assert answer.headers["X-Model-Version"] == "1"
         assert [t["label"] for t in result["top_k"]] == [LABELS[i] for i in np.argsort(-expected)]
         assert np.allclose([t["score"] for t in result["top_k"]], np.sort(expected)[::-1], atol=1e-5)
 
@@ -327,6 +329,8 @@ def test_classify_then_feedback(model_base: str, tmp_path: Path, exported_model:
             "/feedback", data={"label": "fish", "prediction_id": result["prediction_id"], "note": "it swims"}
         )
         assert accepted.status_code == 202, accepted.text
+        # The id alone works on the replica that classified the image (it keeps recent images); any replica
+        # takes the id with the image (tests/test_serving_replicas.py).
         again = api.post("/feedback", data={"label": "fish", "prediction_id": result["prediction_id"]})
         assert again.json()["duplicate"] and again.json()["feedback_id"] == accepted.json()["feedback_id"]
         uploaded = api.post(
@@ -335,8 +339,8 @@ def test_classify_then_feedback(model_base: str, tmp_path: Path, exported_model:
         assert uploaded.status_code == 202 and not uploaded.json()["duplicate"]
 
         assert api.post("/feedback", data={"label": "dog"}).status_code == 400
-        expired = api.post("/feedback", data={"label": "dog", "prediction_id": "0" * 32})
-        assert expired.status_code == 404 and "file" in expired.json()["error"]
+        unknown = api.post("/feedback", data={"label": "dog", "prediction_id": "0" * 32})
+        assert unknown.status_code == 400 and "'file'" in unknown.json()["error"]
 
         assert api.get("/docs").status_code == 200 and "tfloop classifier" in api.get("/").text
         assert api.get("/info").json()["labels"] == LABELS
@@ -355,6 +359,7 @@ def test_classify_then_feedback(model_base: str, tmp_path: Path, exported_model:
     assert (tmp_path / "feedback" / "pending" / "fish" / f"{sha}.jpg").read_bytes() == data
     assert record["note"] == "it swims" and record["predicted"][0]["label"] == result["top_k"][0]["label"]
     assert record["model_version"] == 1 and record["prediction_id"] == result["prediction_id"]
+    assert record["model_name"] == NAME and record["predicted_at"]
 
 
 def test_token_guards_feedback_and_new_labels(model_base: str, tmp_path: Path) -> None:

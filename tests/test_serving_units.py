@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import SecretStr
 
 from serving.batching import DynamicBatcher
 from serving.errors import InvalidInput, PayloadTooLarge
@@ -52,6 +53,29 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.prefect_api_url == "http://127.0.0.1:4200/api"
     assert settings.token is None
     assert ServingSettings(version_policy="latest").pinned_version is None
+
+
+def test_production_settings_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The names a Kubernetes Deployment sets (README "Serving"): they must keep working.
+    for name, value in {
+        "TFLOOP_SERVE_FEEDBACK_URI": "gs://bucket/feedback",
+        "TFLOOP_SERVE_PREFECT_API_URL": "http://prefect:4200/api",
+        "PREFECT_API_KEY": "pnu_secret",
+        "TFLOOP_SERVE_TOKEN": "feedback-token",
+        "TFLOOP_FEEDBACK_SECRET": "0123456789abcdef0123",
+        "TFLOOP_SERVE_DRAIN_S": "7.5",
+        "TFLOOP_SERVE_SHUTDOWN_TIMEOUT_S": "25",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = ServingSettings()
+    assert settings.feedback_uri == "gs://bucket/feedback"
+    assert settings.prefect_api_url == "http://prefect:4200/api"
+    assert (
+        settings.prefect_api_key is not None and settings.prefect_api_key.get_secret_value() == "pnu_secret"
+    )
+    assert settings.token is not None and settings.token.get_secret_value() == "feedback-token"
+    assert settings.feedback_secret is not None
+    assert (settings.drain_s, settings.shutdown_timeout_s) == (7.5, 25)
 
 
 def test_batching_settings_reach_the_batcher(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -296,6 +320,36 @@ def test_screen_that_sees_nothing_wrong_falls_back_to_item_by_item() -> None:
     assert sizes == [3, 1, 1, 1]
 
 
+def test_batches_never_mix_groups_and_keep_each_groups_order() -> None:
+    # Items of two model versions ("a", "b") arrive interleaved: every call holds one version only, every
+    # item is answered once, and within a version the order of arrival is kept (one worker: calls run in the
+    # order the batches formed).
+    calls: list[list[tuple[str, int]]] = []
+
+    def predict(items):
+        calls.append(list(items))
+        time.sleep(0.01)
+        return [(version, number * 10) for version, number in items]
+
+    items = [("a" if i % 3 else "b", i) for i in range(30)]
+
+    async def scenario() -> list[tuple[str, int]]:
+        batcher = DynamicBatcher(
+            predict, max_batch_size=8, max_wait_s=0.02, workers=1, group=lambda item: item[0]
+        )
+        async with running_batcher(batcher):
+            return await asyncio.gather(*(batcher.submit(item) for item in items))
+
+    results = asyncio.run(scenario())
+    assert results == [(version, number * 10) for version, number in items]
+    assert all(len({version for version, _ in call}) == 1 for call in calls)
+    assert sorted(item for call in calls for item in call) == sorted(items)
+    for version in "ab":
+        seen = [number for call in calls for v, number in call if v == version]
+        assert seen == sorted(seen)
+    assert len(calls) < len(items)  # still batched
+
+
 class SlowModel:
     """A batch function that takes 50 ms and records batch sizes and how many calls ran at once."""
 
@@ -507,10 +561,12 @@ def test_feedback_event_is_a_valid_prefect_event() -> None:
 
 class _Receiver(BaseHTTPRequestHandler):
     received: ClassVar[list[tuple[str, object]]] = []
+    authorization: ClassVar[list[str | None]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).received.append((self.path, json.loads(body)))
+        type(self).authorization.append(self.headers.get("Authorization"))
         self.send_response(204)
         self.end_headers()
 
@@ -525,22 +581,27 @@ def test_event_sender_posts_to_prefect_events_endpoint_and_survives_outage() -> 
     thread.start()
     outcomes: list[bool] = []
 
-    async def scenario(url: str) -> None:
-        sender = PrefectEventSender(url, timeout_s=2, on_result=outcomes.append)
+    _Receiver.authorization = []
+
+    async def scenario(url: str, api_key: str | None = None) -> None:
+        key = SecretStr(api_key) if api_key else None
+        sender = PrefectEventSender(url, timeout_s=2, api_key=key, on_result=outcomes.append)
         await sender.start()
         sender.emit(feedback_event(model_name="m", label="a", payload={}))
         await sender.stop()
 
     try:
         asyncio.run(scenario(f"http://127.0.0.1:{server.server_port}/api"))
+        asyncio.run(scenario(f"http://127.0.0.1:{server.server_port}/api", api_key="pnu_key"))
     finally:
         server.shutdown()
         server.server_close()
-    assert outcomes == [True]
-    ((path, events),) = _Receiver.received
+    assert outcomes == [True, True]
+    assert _Receiver.authorization == [None, "Bearer pnu_key"]
+    (path, events), _ = _Receiver.received
     assert path == "/api/events" and events[0]["event"] == FEEDBACK_EVENT
     asyncio.run(scenario(f"http://127.0.0.1:{free_port()}/api"))  # nothing listens: logged, counted
-    assert outcomes == [True, False]
+    assert outcomes == [True, True, False]
 
 
 def test_sequential_traffic_is_not_delayed_by_the_batch_wait() -> None:
