@@ -201,6 +201,13 @@ def _run_loop(
         feedback_root=settings.feedback_root, run_id=outcome.run_id, files=roots.pending_files
     )
     result.feedback_consumed = consumed.moved + consumed.already_moved
+    if not delivery.promote:
+        result.skipped.append(
+            f"promotion: delivery.promote=false; version {exported['version']} stays a candidate until "
+            f"`tfloop promote {exported['version']} --model-name {settings.model_name} "
+            f"--model-base {settings.models_uri}`"
+        )
+        return _finish(result)
     promotion = tasks.promote(
         model_name=settings.model_name,
         model_base=settings.models_uri,

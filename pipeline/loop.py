@@ -251,6 +251,10 @@ class DeliveryOptions(BaseModel):
         description="A serving process to smoke-test the candidate on (pinned version route)",
     )
     smoke_timeout_s: float = Field(default=120.0, gt=0)
+    promote: bool = Field(
+        default=True,
+        description="Make the smoke-tested version live; false leaves it a candidate for `tfloop promote`",
+    )
 
 
 # --- steps: typed requests and outcomes, and the plain functions the tasks wrap ---

@@ -166,3 +166,97 @@ def test_deploy_options_override_threshold_pool_and_selection() -> None:
 
 def test_locate_server_finds_nothing_when_nothing_answers(tmp_path: Path) -> None:
     assert locate_server(home=tmp_path, environ={"PREFECT_API_URL": "http://127.0.0.1:9/api"}) is None
+
+
+def test_a_cluster_without_a_registry_is_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(
+        loop.DeliveryConfigError, match=r"set delivery\.registry=HOST\[:PORT\] or delivery\.rollout"
+    ):
+        loop.check_delivery(loop.DeliveryOptions())
+    with pytest.raises(loop.DeliveryConfigError, match="push=false"):
+        loop.check_delivery(loop.DeliveryOptions(registry="registry.example:5000", push=False))
+    loop.check_delivery(loop.DeliveryOptions(registry="registry.example:5000"))
+    loop.check_delivery(loop.DeliveryOptions(rollout=False))
+    loop.check_delivery(loop.DeliveryOptions(build_image=False))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    loop.check_delivery(loop.DeliveryOptions())  # no cluster: nothing to pull, the local path works
+
+
+def test_final_delivery_errors_are_not_retried() -> None:
+    from prefect.states import Failed
+
+    from pipeline import tasks
+
+    def state(error: BaseException) -> object:
+        return Failed(data=error)
+
+    assert tasks.roll_out.retry_condition_fn is tasks.retry_unless_final
+    assert tasks.retry_unless_final(tasks.roll_out, None, state(loop.RolledBackError("rolled back"))) is False
+    assert (
+        tasks.retry_unless_final(tasks.roll_out, None, state(loop.DeliveryConfigError("no registry")))
+        is False
+    )
+    assert tasks.retry_unless_final(tasks.roll_out, None, state(loop.DeliveryError("API timeout"))) is True
+    assert tasks.retry_unless_final(tasks.roll_out, None, state(OSError("reset"))) is True
+
+
+def test_local_loop_lock_excludes_a_second_run_and_dies_with_its_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with loop.local_loop_lock(tmp_path, "m"):
+        with (
+            pytest.raises(loop.LoopBusyError, match="one at a time"),
+            loop.local_loop_lock(tmp_path, "m", wait_s=0),
+        ):
+            pass
+        with loop.local_loop_lock(tmp_path, "other-model", wait_s=0):
+            pass  # another model's runs are not held up
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipeline.loop import local_loop_lock\n"
+            f"with local_loop_lock(Path({str(tmp_path)!r}), 'm'):\n"
+            "    print('held', flush=True); time.sleep(600)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(loop.LoopBusyError), loop.local_loop_lock(tmp_path, "m", wait_s=0):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with loop.local_loop_lock(tmp_path, "m", wait_s=5):
+        pass  # a killed holder never leaves the lock held
+
+
+def test_summary_says_what_is_live() -> None:
+    promoted = loop.LoopResult(run_id="r", live_version=3, live_previous=2, promoted=True)
+    assert "live: version 3 (promoted (was 2))" in loop.format_summary(promoted)
+    refused = loop.LoopResult(run_id="r", gate_passed=False, gate_reason="refused", live_version=2)
+    assert "live: version 2 (unchanged)" in loop.format_summary(refused)
+    assert "live: no version yet" in loop.format_summary(loop.LoopResult(run_id="r"))
+
+
+def test_flows_yaml_runs_one_run_at_a_time_per_deployment() -> None:
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    config = load_flows_file(ROOT / "flows.yaml")
+    model = PrefectYamlModel.model_validate(config)
+    for deployment in model.deployments:
+        assert deployment.concurrency_limit is not None
+        assert deployment.concurrency_limit.limit == 1
+        assert deployment.concurrency_limit.collision_strategy == "ENQUEUE"
+    applied = apply_deploy_options(config, DeployOptions(names=("feedback-retrain",)))
+    assert applied["deployments"][0]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}

@@ -4,9 +4,11 @@ Make the demo data, train v1 through the ``train-and-deploy`` flow (gate, export
 start the serving process locally, classify sample images over HTTP, send corrected labels through
 ``/feedback``, check the feedback threshold (the demo's stand-in for the Prefect server's trigger; with
 ``tfloop flows server`` + ``tfloop flows deploy`` + ``tfloop flows worker`` the trigger starts
-``feedback-retrain`` itself), retrain v2 through ``retrain-from-feedback`` and its gate, watch serving
-hot-swap to v2 when it passed, and print v1 and v2 side by side with the MLflow UI command and serving URL.
-Image build and rollout run only where a builder and a cluster exist; otherwise the flow says "skipped".
+``feedback-retrain`` itself), retrain v2 through ``retrain-from-feedback`` and its gate (its candidate
+smoke test runs on the pinned route ``/v1/models/<name>/versions/2``), show that unpinned requests still
+get v1 while v2 is published, promote v2 (live pointer and MLflow ``champion``), show unpinned requests
+moving to v2, and print v1 and v2 side by side with the MLflow UI command and serving URL. Image build and
+rollout run only where a builder and a cluster exist; otherwise the flow says "skipped".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import typer
 from pipeline.commands._output import emit_json, info
 
 DEMO_CHOICES = ("checkerboard", "circle", "cross", "square", "stripes", "triangle")
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 
 def _step(number: int, text: str) -> None:
@@ -84,8 +87,9 @@ def demo(
 
     _step(3, "start serving locally (python -m serving)")
     with LocalServing(settings) as serving:
-        served = serving.wait_for_version(v1["exported_version"])
-        info(f"serving {settings.model_name} v{served} at {serving.url}")
+        probe = fresh_samples(labels[:1], per_class=1, image_size=image_size, seed=11)[0][1]
+        served = serving.wait_for_unpinned(int(v1["exported_version"]), probe)
+        info(f"serving {settings.model_name} v{served} (live) at {serving.url}")
 
         _step(4, "classify new sample images over HTTP (POST /classify)")
         samples = fresh_samples(
@@ -120,7 +124,9 @@ def demo(
         if not reached:
             raise storage.TfloopError("the feedback did not reach the queue; check the serving log above")
 
-        _step(7, "retrain v2 (flow retrain-from-feedback: the same steps, gated against v1)")
+        _step(
+            7, "retrain v2 (flow retrain-from-feedback: the same steps, gated against v1; not promoted yet)"
+        )
         v2 = run_flow(
             settings,
             feedback=True,
@@ -128,18 +134,42 @@ def demo(
             epochs=epochs,
             min_accuracy=min_accuracy,
             serving_url=serving.url,
+            promote=False,
         )
         summary["v2"] = v2
         info(f"gate: {'PASSED' if v2['gate_passed'] else 'REFUSED'}: {v2['gate_reason']}")
+        v1_version = int(v1["exported_version"])
         if v2.get("exported_version") is not None:
-            version = serving.wait_for_version(v2["exported_version"])
-            info(f"serving hot-swapped to v{version}")
+            v2_version = int(v2["exported_version"])
+            _step(8, f"v{v2_version} is published and smoke-tested, but not live: serving still answers v1")
+            unpinned = serving.wait_for_unpinned(v1_version, probe)
+            pinned = serving.wait_for_pinned(v2_version, probe)
+            info(f"  POST /v1/models/{settings.model_name}:predict -> X-Model-Version: {unpinned}")
+            info(f"  POST /v1/models/{settings.model_name}/versions/{v2_version}:predict -> version {pinned}")
+            summary["before_promotion"] = {"unpinned": unpinned, "pinned": pinned}
+
+            _step(
+                9, f"promote v{v2_version} (what `tfloop promote {v2_version}` does): live pointer + champion"
+            )
+            from export.registry import promote_version
+
+            promotion = promote_version(
+                model_name=settings.model_name,
+                model_base=settings.models_uri,
+                version=v2_version,
+                tracking_uri=settings.tracking_uri,
+                promoted_by="tfloop demo",
+            )
+            info(f"  {promotion.live_pointer} -> version {promotion.version} (was {promotion.previous})")
+            after = serving.wait_for_unpinned(v2_version, probe)
+            info(f"  POST /v1/models/{settings.model_name}:predict -> X-Model-Version: {after}")
+            summary["after_promotion"] = {"unpinned": after}
         else:
-            info(f"serving keeps v{v1['exported_version']}")
-        summary["serving_version"] = serving.current_version()
+            info(f"serving keeps v{v1_version}")
+        summary["serving_version"] = serving.unpinned_version(probe)
         summary["serving_url"] = serving.url
 
-        _step(8, "summary")
+        _step(10, "summary")
         for line in summary_lines(settings, v1=v1, v2=v2, serving_url=serving.url):
             typer.echo(line)
         typer.echo(f"finished in {time.monotonic() - started:.0f} s")
@@ -206,6 +236,7 @@ def run_flow(
     epochs: int,
     min_accuracy: float,
     serving_url: str | None = None,
+    promote: bool = True,
 ) -> dict[str, Any]:
     """Run train-and-deploy (v1) or retrain-from-feedback (v2) in this process on the demo settings."""
     from pipeline import flows
@@ -215,7 +246,7 @@ def run_flow(
         "home": str(settings.home_dir),
         "training": TrainingOptions(image_size=image_size, epochs=epochs, batch_size=16),
         "gate": GateOptions(min_accuracy=min_accuracy, max_accuracy_drop=0.02, max_macro_f1_drop=0.02),
-        "delivery": DeliveryOptions(serving_url=serving_url, smoke_timeout_s=180.0),
+        "delivery": DeliveryOptions(serving_url=serving_url, smoke_timeout_s=180.0, promote=promote),
     }
     if feedback:
         return flows.retrain_from_feedback(reason="demo: feedback threshold reached", **kwargs)
@@ -342,23 +373,55 @@ class LocalServing:
         if self.process is not None:
             self.process.wait()
 
-    def current_version(self) -> int | None:
+    def predict(self, image: bytes, *, version: int | None = None) -> tuple[int, int | None, str]:
+        """A TF Serving REST prediction (pinned to ``version`` when given): status, X-Model-Version, body."""
+        import base64
+
         import httpx
 
+        path = f"/v1/models/{self.settings.model_name}" + (f"/versions/{version}" if version else "")
+        body = {"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}
         try:
-            answer = httpx.get(f"{self.url}/readyz", timeout=5)
-        except httpx.HTTPError:
-            return None
-        return int(answer.json()["model_version"]) if answer.status_code == 200 else None
+            answer = httpx.post(f"{self.url}{path}:predict", json=body, timeout=60)
+        except httpx.HTTPError as error:
+            return 0, None, f"{type(error).__name__}: {error}"
+        header = answer.headers.get(MODEL_VERSION_HEADER, "")
+        return answer.status_code, int(header) if header.isdigit() else None, answer.text[:200]
 
-    def wait_for_version(self, version: int, *, timeout_s: float = 180.0) -> int:
+    def unpinned_version(self, image: bytes) -> int | None:
+        """The version that answers an unpinned prediction (its ``X-Model-Version`` header)."""
+        status, answered, _ = self.predict(image)
+        return answered if status == 200 else None
+
+    def wait_for_unpinned(self, version: int, image: bytes, *, timeout_s: float = 120.0) -> int:
+        """Wait until unpinned predictions are answered by ``version``; a clear error after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        last = (0, None, "no answer yet")
         while time.monotonic() < deadline:
-            if self.current_version() == version:
+            last = self.predict(image)
+            if last[0] == 200 and last[1] == version:
                 return version
             time.sleep(0.5)
         raise _serving_error(
-            f"serving did not switch to version {version} within {timeout_s:.0f} s", self.log_path
+            f"unpinned predictions were not answered by version {version} within {timeout_s:.0f} s (last: "
+            f"HTTP {last[0]}, {MODEL_VERSION_HEADER}: {last[1]}, {last[2]!r}); serving must answer the "
+            "version named by the live pointer",
+            self.log_path,
+        )
+
+    def wait_for_pinned(self, version: int, image: bytes, *, timeout_s: float = 120.0) -> int:
+        """Wait until ``/versions/<version>:predict`` answers; a clear error after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        last = (0, None, "no answer yet")
+        while time.monotonic() < deadline:
+            last = self.predict(image, version=version)
+            if last[0] == 200 and last[1] in (None, version):
+                return version
+            time.sleep(0.5)
+        raise _serving_error(
+            f"/versions/{version}:predict did not answer within {timeout_s:.0f} s (last: HTTP {last[0]}, "
+            f"{last[2]!r}); serving must load a published candidate for pinned requests",
+            self.log_path,
         )
 
     def classify(self, image: bytes) -> dict[str, Any]:
