@@ -76,6 +76,10 @@ REPLICASETS = kmock.resource("apps/v1/replicasets")
 PODS = kmock.resource("v1/pods")
 EVENTS = kmock.resource("v1/events")
 SECRETS = kmock.resource("v1/secrets")
+CONFIGMAPS = kmock.resource("v1/configmaps")
+SERVICEACCOUNTS = kmock.resource("v1/serviceaccounts")
+HPAS = kmock.resource("autoscaling/v2/horizontalpodautoscalers")
+NETWORKPOLICIES = kmock.resource("networking.k8s.io/v1/networkpolicies")
 LEASES = kmock.resource("coordination.k8s.io/v1/leases")
 
 

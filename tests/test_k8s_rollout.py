@@ -10,6 +10,8 @@ port-forward is covered by the opt-in cluster test in tests/test_k8s_cluster.py)
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -28,12 +31,26 @@ from k8s.errors import (
     ForbiddenError,
     KubeconfigMissingError,
     NamespaceMissingError,
+    PodLocalFeedbackError,
+    RolloutInProgressError,
     UnknownContextError,
 )
 from k8s.rollout import deploy
-from k8s.settings import ClusterSettings, DeployTarget, ServingSpec
+from k8s.settings import ClusterSettings, DeployTarget, SecretRef, ServingSettings, ServingSpec
 from k8s.smoke import SmokeSettings, sample_png, smoke_test
-from tests.k8s_sim import DEPLOYMENTS, PODS, REPLICASETS, PodPlan, RunningCluster
+from tests.k8s_sim import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    HPAS,
+    LEASES,
+    NETWORKPOLICIES,
+    PODS,
+    REPLICASETS,
+    SECRETS,
+    SERVICEACCOUNTS,
+    PodPlan,
+    RunningCluster,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +179,7 @@ def settings_for(cluster: RunningCluster, **overrides) -> ClusterSettings:
 
 def run(
     cluster,
-    serving,
+    fake,
     version,
     *,
     spec=None,
@@ -178,7 +195,7 @@ def run(
         spec=spec or ServingSpec(),
         timeout_s=timeout_s,
         dry_run=dry_run,
-        smoke=SmokeSettings(url=serving.url, timeout_s=5),
+        smoke=SmokeSettings(url=fake.url, timeout_s=5),
         on_progress=(messages.append if messages is not None else None),
         allow_pod_local_feedback=allow_pod_local_feedback,
         **kwargs,
@@ -472,3 +489,325 @@ def test_cli_deploy_json_dry_run_and_failure(cluster, serving, tmp_path):
     missing = tfloop(*common[:6], "--json", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert missing.returncode == 1 and "error: no kubeconfig at" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+# ---- serving settings that close the loop, and their persistence ----------------------------------------
+
+FEEDBACK = "gs://tfloop-test/feedback"
+SA_EMAIL = "tfloop-serving@my-project.iam.gserviceaccount.com"
+
+
+def obj(cluster, resource, name) -> dict | None:
+    def read():
+        key = (resource, NAMESPACE, name)
+        if key not in cluster.emulator.objects or cluster.emulator.objects[key].deleted:
+            return None
+        return copy.deepcopy(cluster.emulator.objects[key].raw)
+
+    return cluster.locked(read)
+
+
+def add_secret(cluster, name: str, *keys: str) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "data": {key: "c2VjcmV0" for key in keys},
+    }
+    cluster.locked(lambda: cluster.emulator.objects.__setitem__((SECRETS, NAMESPACE, name), secret))
+
+
+def settings_data(cluster) -> dict:
+    return obj(cluster, CONFIGMAPS, "tfloop-serving-settings")["data"]
+
+
+def secret_env(deployment: dict) -> dict:
+    env = manifests.serving_container(deployment)["env"]
+    return {
+        item["name"]: (item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
+        for item in env
+        if "valueFrom" in item
+    }
+
+
+def test_serving_settings_land_in_the_objects_and_persist_across_deploys(cluster, serving):
+    for name, key in [
+        ("prefect", "api-key"),
+        ("feedback-auth", "tok"),
+        ("signing", "secret"),
+        ("gcs", "sa.json"),
+    ]:
+        add_secret(cluster, name, key)
+    wanted = ServingSettings(
+        feedback_uri=FEEDBACK,
+        prefect_api_url="http://prefect.prefect:4200/api",
+        prefect_api_key_secret=SecretRef(name="prefect", key="api-key"),
+        token_secret=SecretRef(name="feedback-auth", key="tok"),
+        feedback_secret=SecretRef(name="signing", key="secret"),
+        gcp_service_account=SA_EMAIL,
+        gcp_key_secret=SecretRef(name="gcs", key="sa.json"),
+    )
+    first = run(cluster, serving, 1, serving=wanted, allow_pod_local_feedback=False)
+    assert first.ok, first.reason
+    assert first.serving_settings["feedback_uri"] == FEEDBACK
+    data = settings_data(cluster)
+    assert data["TFLOOP_SERVE_FEEDBACK_URI"] == FEEDBACK
+    assert data["TFLOOP_SERVE_PREFECT_API_URL"] == "http://prefect.prefect:4200/api"
+    assert data["TFLOOP_SERVE_DRAIN_S"] == "5"
+    deployment = live_deployment(cluster)
+    assert secret_env(deployment) == {
+        "PREFECT_API_KEY": ("prefect", "api-key"),
+        "TFLOOP_SERVE_TOKEN": ("feedback-auth", "tok"),
+        "TFLOOP_FEEDBACK_SECRET": ("signing", "secret"),
+    }
+    container = manifests.serving_container(deployment)
+    assert {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": "/var/secrets/google/key.json"} in container[
+        "env"
+    ]
+    assert {"name": "gcp-key", "mountPath": "/var/secrets/google", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "gcp-key")
+    assert volume["secret"] == {"secretName": "gcs", "items": [{"key": "sa.json", "path": "key.json"}]}
+    account = obj(cluster, SERVICEACCOUNTS, "tfloop-serving")
+    assert account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": SA_EMAIL}
+
+    # A deploy that says nothing about settings keeps every one (and is not refused as pod-local).
+    second = run(cluster, serving, 2, allow_pod_local_feedback=False)
+    assert second.ok, second.reason
+    assert second.changed == ["Deployment/tfloop-serving"]
+    assert settings_data(cluster) == data
+    deployment = live_deployment(cluster)
+    assert manifests.serving_container(deployment)["image"].endswith(":v2")
+    assert secret_env(deployment) == secret_env(live_deployment(cluster))
+    assert len(secret_env(deployment)) == 3
+    assert (
+        obj(cluster, SERVICEACCOUNTS, "tfloop-serving")["metadata"]["annotations"]
+        == account["metadata"]["annotations"]
+    )
+
+    # One setting changes, one is cleared; the rest stays.
+    third = run(
+        cluster,
+        serving,
+        3,
+        serving=ServingSettings(
+            feedback_uri="gs://tfloop-test/feedback-2", clear=frozenset({"prefect_api_url", "token_secret"})
+        ),
+        allow_pod_local_feedback=False,
+    )
+    assert third.ok, third.reason
+    data = settings_data(cluster)
+    assert data["TFLOOP_SERVE_FEEDBACK_URI"] == "gs://tfloop-test/feedback-2"
+    assert "TFLOOP_SERVE_PREFECT_API_URL" not in data
+    assert set(secret_env(live_deployment(cluster))) == {"PREFECT_API_KEY", "TFLOOP_FEEDBACK_SECRET"}
+    assert third.serving_settings["gcp_service_account"] == SA_EMAIL
+
+
+def test_a_settings_change_alone_rolls_the_pods(cluster, serving):
+    assert run(cluster, serving, 1, serving=ServingSettings(feedback_uri=FEEDBACK)).ok
+    before = live_deployment(cluster)
+    result = run(cluster, serving, 1, serving=ServingSettings(feedback_uri="gs://tfloop-test/other"))
+    assert result.ok, result.reason
+    assert set(result.changed) == {"ConfigMap/tfloop-serving-settings", "Deployment/tfloop-serving"}
+    after = live_deployment(cluster)
+    checksum = manifests.SETTINGS_CHECKSUM_ANNOTATION
+    assert (
+        after["spec"]["template"]["metadata"]["annotations"][checksum]
+        != before["spec"]["template"]["metadata"]["annotations"][checksum]
+    )
+    assert manifests.revision(after) == 2
+
+
+def test_a_feedback_queue_inside_the_pod_is_refused_unless_allowed(cluster, serving):
+    with pytest.raises(PodLocalFeedbackError, match=r"/cache/feedback .*--feedback-uri gs://bucket/feedback"):
+        run(cluster, serving, 1, allow_pod_local_feedback=False)
+    with pytest.raises(PodLocalFeedbackError, match=r"/data/feedback \(set\).*--allow-pod-local-feedback"):
+        run(
+            cluster,
+            serving,
+            1,
+            serving=ServingSettings(feedback_uri="/data/feedback"),
+            allow_pod_local_feedback=False,
+        )
+    assert obj(cluster, DEPLOYMENTS, "tfloop-serving") is None
+    assert obj(cluster, CONFIGMAPS, "tfloop-serving-settings") is None
+    assert manifests.lease_holder(obj(cluster, LEASES, "tfloop-serving-rollout")) is None  # released
+    allowed = run(cluster, serving, 1, allow_pod_local_feedback=True)
+    assert allowed.ok and settings_data(cluster)["TFLOOP_SERVE_FEEDBACK_URI"] == "/cache/feedback"
+    # The allowance is per deploy: the next one must say so again (or move the queue to GCS).
+    with pytest.raises(PodLocalFeedbackError):
+        run(cluster, serving, 2, allow_pod_local_feedback=False)
+    assert run(
+        cluster, serving, 2, serving=ServingSettings(feedback_uri=FEEDBACK), allow_pod_local_feedback=False
+    ).ok
+
+
+def test_a_missing_secret_fails_the_rollout_at_once_and_rolls_back(cluster, serving):
+    assert run(cluster, serving, 1, serving=ServingSettings(feedback_uri=FEEDBACK)).ok
+    result = run(
+        cluster, serving, 2, serving=ServingSettings(token_secret=SecretRef(name="absent", key="token"))
+    )
+    assert not result.ok and result.outcome == "rolled_back", result.reason
+    assert 'CreateContainerConfigError (restarts: 0): secret "absent" not found' in result.reason
+    assert "TFLOOP_SERVE_TOKEN" not in secret_env(live_deployment(cluster))
+
+
+def restorable_state(cluster) -> dict:
+    return {
+        key: manifests.restorable(found) if (found := obj(cluster, resource, name)) else None
+        for key, (resource, name) in {
+            "ServiceAccount": (SERVICEACCOUNTS, "tfloop-serving"),
+            "ConfigMap": (CONFIGMAPS, "tfloop-serving-settings"),
+            "Deployment": (DEPLOYMENTS, "tfloop-serving"),
+            "HorizontalPodAutoscaler": (HPAS, "tfloop-serving"),
+            "NetworkPolicy": (NETWORKPOLICIES, "tfloop-serving"),
+        }.items()
+    }
+
+
+def test_a_failing_rollout_restores_every_object_it_changed(cluster, serving):
+    assert run(cluster, serving, 1, serving=ServingSettings(feedback_uri=FEEDBACK)).ok
+    before = restorable_state(cluster)
+    assert before["NetworkPolicy"] is None
+    fail_image(cluster, ":v2", "crashloop")
+    result = run(
+        cluster,
+        serving,
+        2,
+        spec=ServingSpec(max_replicas=7),
+        serving=ServingSettings(
+            feedback_uri="gs://tfloop-test/elsewhere",
+            prefect_api_url="http://prefect:4200/api",
+            gcp_service_account=SA_EMAIL,
+        ),
+        network_policy=True,
+    )
+    assert not result.ok and result.rolled_back and result.rollback_ok and result.outcome == "rolled_back"
+    assert sorted(result.changed) == sorted(
+        [
+            "ServiceAccount/tfloop-serving",
+            "ConfigMap/tfloop-serving-settings",
+            "Deployment/tfloop-serving",
+            "HorizontalPodAutoscaler/tfloop-serving",
+            "NetworkPolicy/tfloop-serving",
+        ]
+    )
+    assert result.restored == [
+        "ServiceAccount/tfloop-serving",
+        "ConfigMap/tfloop-serving-settings",
+        "HorizontalPodAutoscaler/tfloop-serving",
+        "Deployment/tfloop-serving",
+    ]
+    assert result.deleted == ["NetworkPolicy/tfloop-serving"]
+    after = restorable_state(cluster)
+    assert after == before
+    assert settings_data(cluster)["TFLOOP_SERVE_FEEDBACK_URI"] == FEEDBACK
+
+
+def test_an_image_by_digest_runs_by_digest_and_keeps_its_tag(cluster, serving):
+    digest = "sha256:" + "ab" * 32
+    pinned = DeployTarget(
+        image="reg.example:5000/tfloop-classifier:v1",
+        digest=digest,
+        model_name="tfloop-classifier",
+        version=1,
+    )
+    result = deploy(
+        pinned,
+        settings=settings_for(cluster),
+        timeout_s=20,
+        smoke=SmokeSettings(url=serving.url, timeout_s=5),
+        allow_pod_local_feedback=True,
+    )
+    assert result.ok, result.reason
+    assert result.image == f"reg.example:5000/tfloop-classifier@{digest}" and result.image_tag == "v1"
+    deployment = live_deployment(cluster)
+    assert manifests.serving_container(deployment)["image"] == f"reg.example:5000/tfloop-classifier@{digest}"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[manifests.IMAGE_ANNOTATION] == "reg.example:5000/tfloop-classifier:v1"
+
+
+# ---- the rollout lease -------------------------------------------------------------------------------------
+
+
+def lease(cluster) -> dict | None:
+    return obj(cluster, LEASES, "tfloop-serving-rollout")
+
+
+def wait_until(condition, *, what: str, bound_s: float = 30.0):
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up after {bound_s} s waiting for {what}")
+
+
+def test_a_second_deploy_is_refused_while_the_first_holds_the_lease(cluster, serving):
+    gate = threading.Event()
+    cluster.controller.plan_for = lambda pod: PodPlan() if gate.is_set() else PodPlan("never-ready")
+    outcome: dict = {}
+
+    def first():
+        outcome["result"] = deploy(
+            target(1),
+            settings=ClusterSettings(
+                kubeconfig=cluster.kubeconfig, poll_interval_s=0.05, request_timeout_s=5, lease_duration_s=3
+            ),
+            timeout_s=60,
+            smoke=SmokeSettings(url=serving.url, timeout_s=5),
+            allow_pod_local_feedback=True,
+        )
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        wait_until(lambda: obj(cluster, DEPLOYMENTS, "tfloop-serving"), what="the first deploy's Deployment")
+        held = manifests.lease_holder(lease(cluster))
+        assert held
+        assert held.startswith(f"{socket.gethostname()}@{os.getpid()}/")
+        with pytest.raises(RolloutInProgressError, match=rf"held by {re.escape(held)}.*expires in \d+ s"):
+            run(cluster, serving, 2)
+        # The refused deploy changed nothing; the first one is renewing its lease (every second here).
+        assert manifests.serving_container(live_deployment(cluster))["image"].endswith(":v1")
+        wait_until(
+            lambda: lease(cluster)["spec"]["renewTime"] != lease(cluster)["spec"]["acquireTime"],
+            what="a lease renewal",
+        )
+    finally:
+        gate.set()
+        thread.join(timeout=60)
+    result = outcome["result"]
+    assert result.ok and result.lease == "tfloop-serving-rollout" and result.lease_holder == held
+    assert manifests.lease_holder(lease(cluster)) is None  # released
+    assert run(cluster, serving, 2).ok
+
+
+def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(cluster, serving):
+    def seed(renewed: datetime.datetime) -> None:
+        body = manifests.rollout_lease(
+            ServingSpec(), holder="ci-runner@4242/deadbeef", duration_s=60, now=renewed, transitions=2
+        )
+        body["metadata"].update(namespace=NAMESPACE, resourceVersion="1")
+        cluster.locked(
+            lambda: cluster.emulator.objects.__setitem__((LEASES, NAMESPACE, body["metadata"]["name"]), body)
+        )
+
+    now = datetime.datetime.now(tz=datetime.UTC)
+    seed(now)
+    with pytest.raises(
+        RolloutInProgressError, match=r"held by ci-runner@4242/deadbeef.*kubectl delete lease"
+    ):
+        run(cluster, serving, 1)
+    assert obj(cluster, DEPLOYMENTS, "tfloop-serving") is None
+
+    seed(now - datetime.timedelta(minutes=10))
+    result = run(cluster, serving, 1)
+    assert result.ok, result.reason
+    assert any(
+        "took over the expired rollout Lease" in note and "ci-runner@4242" in note for note in result.notes
+    )
+    final = lease(cluster)
+    assert final["spec"]["leaseTransitions"] == 3 and manifests.lease_holder(final) is None
