@@ -5,6 +5,7 @@ helpers (status judgement, pod problems, rollback choice, merge patches, diffs) 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import shutil
 import subprocess
@@ -14,9 +15,9 @@ import pytest
 import yaml
 
 from k8s import manifests
-from k8s.errors import InvalidTargetError
+from k8s.errors import InvalidSettingsError, InvalidTargetError
 from k8s.rollout import pod_problems, previous_model, rollout_status
-from k8s.settings import DeployTarget, ServingSpec
+from k8s.settings import DeployTarget, SecretRef, ServingSettings, ServingSpec, split_image
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "k8s" / "manifests"
 MODEL_CLASSES = {
@@ -291,3 +292,167 @@ def test_pod_problems_detects_crash_loops_and_pull_failures():
     )
     assert [(p.pod, p.reason) for p in problems] == [("a", "CrashLoopBackOff"), ("b", "ImagePullBackOff")]
     assert "pod a container serving: CrashLoopBackOff" in problems[0].describe()
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("image", "digest", "reference", "tag"),
+    [
+        ("reg/m:v3", None, "reg/m:v3", "v3"),
+        ("reg/m:v3", DIGEST, f"reg/m@{DIGEST}", "v3"),
+        (f"reg/m@{DIGEST}", None, f"reg/m@{DIGEST}", None),
+        (f"reg/m:v3@{DIGEST}", DIGEST, f"reg/m@{DIGEST}", "v3"),
+        ("host:5000/team/m:v3", DIGEST, f"host:5000/team/m@{DIGEST}", "v3"),
+        ("host:5000/team/m", DIGEST, f"host:5000/team/m@{DIGEST}", None),
+    ],
+)
+def test_images_by_tag_or_digest(image, digest, reference, tag):
+    target = DeployTarget(image=image, digest=digest, model_name="m", version=3)
+    assert target.reference == reference and split_image(image)[1] == tag
+    built = manifests.deployment(ServingSpec(), target=target)
+    assert manifests.serving_container(built)["image"] == reference
+    assert built["spec"]["template"]["metadata"]["annotations"][manifests.IMAGE_ANNOTATION] == image
+
+
+@pytest.mark.parametrize(
+    ("image", "digest", "message"),
+    [
+        ("reg/m:v3", "sha256:abc", "is malformed"),
+        ("reg/m:v3", "md5:" + "0" * 32, "is malformed"),
+        ("reg/m@sha256:ABC", None, "is malformed"),
+        (f"reg/m@{DIGEST}", "sha256:" + "f" * 64, "pass one"),
+        (f"@{DIGEST}", None, "has no repository"),
+    ],
+)
+def test_malformed_digests_are_refused(image, digest, message):
+    with pytest.raises(InvalidTargetError, match=message):
+        DeployTarget(image=image, digest=digest, model_name="m", version=1)
+
+
+def test_secret_refs_and_settings_merge():
+    assert SecretRef.parse("tok", default_key="token") == SecretRef(name="tok", key="token")
+    assert SecretRef.parse("tok:value", default_key="token") == SecretRef(name="tok", key="value")
+    with pytest.raises(InvalidSettingsError, match="not a valid key"):
+        SecretRef.parse("tok:bad key", default_key="token")
+    live = ServingSettings(
+        feedback_uri="gs://bkt/f",
+        prefect_api_url="http://p/api",
+        token_secret=SecretRef.parse("t", default_key="token"),
+    )
+    change = ServingSettings(
+        gcp_service_account="sa-name@proj-1.iam.gserviceaccount.com", clear=frozenset({"token_secret"})
+    )
+    merged = change.over(live)
+    assert merged == ServingSettings(
+        feedback_uri="gs://bkt/f",
+        prefect_api_url="http://p/api",
+        gcp_service_account="sa-name@proj-1.iam.gserviceaccount.com",
+    )
+    assert not merged.feedback_in_pod() and ServingSettings().feedback_in_pod()
+    assert (
+        ServingSettings(clear=frozenset({"feedback_uri"})).over(live).effective_feedback_uri()
+        == "/cache/feedback"
+    )
+    with pytest.raises(InvalidSettingsError, match="unknown serving setting"):
+        ServingSettings(clear=frozenset({"nope"}))
+    with pytest.raises(InvalidSettingsError, match="both set and cleared"):
+        ServingSettings(feedback_uri="gs://bkt/f", clear=frozenset({"feedback_uri"}))
+    for bad in [
+        {"feedback_uri": "gs://B"},
+        {"feedback_uri": "relative/path"},
+        {"prefect_api_url": "prefect:4200"},
+    ]:
+        with pytest.raises(InvalidSettingsError, match="pass"):
+            ServingSettings(**bad)
+
+
+def test_live_settings_read_back_what_the_builders_wrote():
+    spec = ServingSpec()
+    settings = ServingSettings(
+        feedback_uri="gs://bucket/feedback",
+        prefect_api_url="https://prefect.example/api",
+        prefect_api_key_secret=SecretRef(name="prefect", key="api-key"),
+        token_secret=SecretRef(name="tok", key="token"),
+        feedback_secret=SecretRef(name="sign", key="k"),
+        gcp_service_account="serving@proj-1.iam.gserviceaccount.com",
+        gcp_key_secret=SecretRef(name="gcs", key="sa.json"),
+    )
+    read = manifests.live_serving_settings(
+        config_map_obj=manifests.config_map(spec, settings),
+        deployment_obj=manifests.deployment(spec, target=DEFAULT_TARGET, settings=settings),
+        service_account_obj=manifests.service_account(spec, settings),
+    )
+    assert read == settings
+    empty = manifests.live_serving_settings(
+        config_map_obj=None, deployment_obj=None, service_account_obj=None
+    )
+    assert empty == ServingSettings()
+
+
+def test_termination_waits_for_the_prestop_sleep_and_the_drain():
+    spec = ServingSpec(pre_stop_s=4, drain_s=10, termination_grace_s=20)
+    pod = manifests.deployment(spec, target=DEFAULT_TARGET)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 20
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook == ["python", "-c", "import time; time.sleep(4)"]
+    assert manifests.config_map(spec)["data"]["TFLOOP_SERVE_DRAIN_S"] == "10"
+    with pytest.raises(InvalidSettingsError, match="must exceed the preStop sleep"):
+        ServingSpec(pre_stop_s=10, drain_s=20, termination_grace_s=30)
+
+
+def test_restore_patch_puts_the_previous_object_back():
+    spec = ServingSpec()
+    previous = manifests.deployment(spec, target=DEFAULT_TARGET)
+    previous["metadata"].update(uid="u1", resourceVersion="7", generation=3)
+    previous["metadata"]["annotations"][manifests.REVISION_ANNOTATION] = "3"
+    previous["status"] = {"replicas": 2}
+    changed = manifests.deployment(
+        ServingSpec(max_surge=2),
+        target=DeployTarget(image="m:v2", model_name="tfloop-classifier", version=2, run_id="r2"),
+        settings=ServingSettings(token_secret=SecretRef(name="t", key="token")),
+    )
+    changed["metadata"].update(uid="u1", resourceVersion="9", generation=4)
+    changed["metadata"]["annotations"][manifests.REVISION_ANNOTATION] = "4"
+    changed["spec"]["replicas"] = 5  # the HPA's
+    patch = manifests.restore_patch(changed, previous)
+    assert "status" not in patch and "replicas" not in patch["spec"]
+    assert manifests.REVISION_ANNOTATION not in patch["metadata"]["annotations"]
+    restored = manifests.apply_merge_patch(changed, patch)
+    assert restored["spec"]["template"] == previous["spec"]["template"]
+    assert manifests.restorable(restored) == manifests.restorable(previous)
+    assert restored["spec"]["replicas"] == 5 and restored["metadata"]["resourceVersion"] == "9"
+    assert manifests.restore_patch(previous, previous) == {}
+
+
+def test_lease_expiry_and_clearing_removed_keys():
+    now = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+    lease = manifests.rollout_lease(ServingSpec(), holder="h@1/x", duration_s=60, now=now)
+    assert lease["spec"]["renewTime"] == "2026-01-01T12:00:00.000000Z"
+    assert manifests.lease_expires_at(lease) == now + datetime.timedelta(seconds=60)
+    assert manifests.lease_holder(lease) == "h@1/x"
+    released = {**lease, "spec": {**lease["spec"], "holderIdentity": None}}
+    assert manifests.lease_expires_at(released) is None and manifests.lease_holder(released) is None
+
+    live = {"data": {"A": "1", "TFLOOP_SERVE_PREFECT_API_URL": "http://p"}}
+    desired = {"data": {"A": "1"}}
+    cleared = manifests.removing(desired, live=live, path=("data",), keys=manifests.MANAGED_CONFIG_KEYS)
+    assert cleared == {"data": {"A": "1", "TFLOOP_SERVE_PREFECT_API_URL": None}} and desired == {
+        "data": {"A": "1"}
+    }
+    assert manifests.apply_merge_patch(live, cleared) == {"data": {"A": "1"}}
+    assert manifests.removing(desired, live=None, path=("data",), keys=["A"]) == desired
+
+
+def test_image_pull_and_config_errors_are_fatal_with_zero_restarts():
+    reasons = [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "ErrImageNeverPull",
+    ]
+    problems = pod_problems([_pod(reason, 0, f"p{index}") for index, reason in enumerate(reasons)])
+    assert [problem.reason for problem in problems] == reasons
+    assert pod_problems([_pod("CreateContainerError", 1)]) == []

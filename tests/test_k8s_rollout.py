@@ -811,3 +811,75 @@ def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(cluster, serving):
     )
     final = lease(cluster)
     assert final["spec"]["leaseTransitions"] == 3 and manifests.lease_holder(final) is None
+
+
+def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    for name, key in [("prefect", "api-key"), ("feedback-auth", "tok"), ("signing", "secret")]:
+        add_secret(cluster, name, key)
+    runner = CliRunner()
+    common = ["--model-name", "tfloop-classifier", "--kubeconfig", str(cluster.kubeconfig)]
+    common += ["--smoke-url", serving.url, "--timeout", "20", "--json"]
+
+    def tfloop_deploy(*args):
+        result = runner.invoke(app, ["deploy", *common, *args])
+        payload = json.loads(result.stdout.strip().splitlines()[-1]) if result.exit_code == 0 else None
+        return result, payload
+
+    digest = "sha256:" + "cd" * 32
+    result, payload = tfloop_deploy(
+        *["--image", "reg.example/tfloop-classifier:v1", "--digest", digest, "--version", "1"],
+        *["--feedback-uri", FEEDBACK, "--prefect-api-url", "http://prefect:4200/api"],
+        *["--prefect-api-key-secret", "prefect", "--token-secret", "feedback-auth:tok"],
+        *["--feedback-secret", "signing", "--gcp-service-account", SA_EMAIL],
+    )
+    assert result.exit_code == 0, result.output
+    assert payload["outcome"] == "rolled_out" and payload["lease"] == "tfloop-serving-rollout"
+    assert payload["image"] == f"reg.example/tfloop-classifier@{digest}" and payload["image_tag"] == "v1"
+    assert payload["serving_settings"] == {
+        "feedback_uri": FEEDBACK,
+        "prefect_api_url": "http://prefect:4200/api",
+        "prefect_api_key_secret": "prefect:api-key",
+        "token_secret": "feedback-auth:tok",
+        "feedback_secret": "signing:secret",
+        "gcp_service_account": SA_EMAIL,
+        "gcp_key_secret": None,
+    }
+    assert manifests.serving_container(live_deployment(cluster))["image"] == payload["image"]
+    assert secret_env(live_deployment(cluster))["TFLOOP_SERVE_TOKEN"] == ("feedback-auth", "tok")
+
+    # By digest in --image; '' clears a setting, the rest persists; a key file instead of the token.
+    digest2 = "sha256:" + "ef" * 32
+    result, payload = tfloop_deploy(
+        *["--image", f"reg.example/tfloop-classifier@{digest2}", "--version", "2"],
+        *["--token-secret", "", "--gcp-key-secret", "gcs"],
+    )
+    assert result.exit_code == 0, result.output
+    assert payload["image"] == f"reg.example/tfloop-classifier@{digest2}" and payload["image_tag"] is None
+    assert payload["serving_settings"]["token_secret"] is None
+    assert payload["serving_settings"]["gcp_key_secret"] == "gcs:key.json"
+    assert payload["serving_settings"]["feedback_uri"] == FEEDBACK
+    assert "TFLOOP_SERVE_TOKEN" not in secret_env(live_deployment(cluster))
+
+    # Resetting the queue to the pod-local default is refused, unless asked for (here as a dry run).
+    image = ["--image", "reg.example/tfloop-classifier:v3", "--version", "3"]
+    result, _ = tfloop_deploy(*image, "--feedback-uri", "")
+    assert result.exit_code != 0 and isinstance(result.exception, PodLocalFeedbackError)
+    assert "--feedback-uri gs://bucket/feedback" in str(result.exception)
+    result, payload = tfloop_deploy(*image, "--feedback-uri", "", "--allow-pod-local-feedback", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert payload["outcome"] == "dry_run" and payload["serving_settings"]["feedback_uri"] is None
+    assert "+  TFLOOP_SERVE_FEEDBACK_URI: /cache/feedback" in payload["diff"]
+    assert settings_data(cluster)["TFLOOP_SERVE_FEEDBACK_URI"] == FEEDBACK
+
+    for bad, message in [
+        (["--digest", "sha256:1234"], "image digest 'sha256:1234' is malformed"),
+        (["--token-secret", "Not_A_Name"], "Secret name 'Not_A_Name' is not a valid Kubernetes name"),
+        (["--gcp-service-account", "someone@gmail.com"], "is not an email like NAME@PROJECT"),
+        (["--feedback-uri", "s3://bucket/feedback"], "neither gs://bucket/prefix nor an absolute path"),
+    ]:
+        result, _ = tfloop_deploy(*image, *bad)
+        assert result.exit_code != 0 and message in str(result.exception), (bad, result.exception)
