@@ -437,6 +437,7 @@ def deploy(
                 network_policy=network_policy,
                 crashloop_restarts=crashloop_restarts,
                 on_progress=on_progress,
+                lease=lease,
             )
         if lease is not None:
             _note_lease(result, lease)
@@ -535,6 +536,7 @@ def _deploy(
     network_policy: bool,
     crashloop_restarts: int,
     on_progress: ProgressCallback | None,
+    lease: HeldLease | None = None,
 ) -> RolloutResult:
     plan = manifests.serving_objects(spec, target=target, network_policy_enabled=network_policy)
     live = {
@@ -636,6 +638,10 @@ def _deploy(
         return result
     if not applied:
         result.reason += " (nothing to roll back to: the Deployment already ran this template)"
+        return result
+    if lease is not None and lease.lost:
+        # Someone else may be rolling the Deployment out now: putting the old state back could undo theirs.
+        result.reason += f" (not rolled back: {lease.lost})"
         return result
     _report(on_progress, f"rollout failed: {outcome.reason}; rolling back to {previous_image}")
     _restore(cluster, applied=applied, previous=live, result=result, on_progress=on_progress)

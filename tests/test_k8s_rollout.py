@@ -421,13 +421,24 @@ def test_rbac_refusal_names_verb_and_resource(cluster, serving):
     assert run(cluster, serving, 1).ok
     cluster.emulator.forbidden.add(("patch", "deployments"))
     with pytest.raises(ForbiddenError) as caught:
-        run(cluster, serving, 2)
+        run(cluster, serving, 2, serving=ServingSettings(feedback_uri="gs://tfloop-test/feedback"))
     message = str(caught.value)
     assert "refused to patch deployments 'tfloop-serving' in namespace 'tfloop'" in message
     assert (
         'cannot patch resource "deployments"' in message and "kubectl auth can-i patch deployments" in message
     )
     assert manifests.serving_container(live_deployment(cluster))["image"].endswith(":v1")
+    # The ConfigMap it had already changed is put back.
+    data = cluster.locked(
+        lambda: cluster.emulator.objects[CONFIGMAPS, NAMESPACE, "tfloop-serving-settings"].raw
+    )
+    assert data["data"]["TFLOOP_SERVE_FEEDBACK_URI"] == "/cache/feedback"
+
+    cluster.emulator.forbidden = {("patch", "leases")}
+    with pytest.raises(
+        ForbiddenError, match=r"refused to patch leases 'tfloop-serving-rollout'.*can-i patch leases"
+    ):
+        run(cluster, serving, 2)
 
 
 def test_missing_namespace(cluster):
@@ -883,3 +894,44 @@ def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
     ]:
         result, _ = tfloop_deploy(*image, *bad)
         assert result.exit_code != 0 and message in str(result.exception), (bad, result.exception)
+
+
+def test_a_rollout_that_lost_its_lease_does_not_roll_back_over_another(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    fail_image(cluster, ":v2", "never-ready")
+    outcome: dict = {}
+
+    def second():
+        outcome["result"] = deploy(
+            target(2),
+            settings=ClusterSettings(
+                kubeconfig=cluster.kubeconfig, poll_interval_s=0.05, request_timeout_s=5, lease_duration_s=3
+            ),
+            timeout_s=5,
+            smoke=SmokeSettings(url=serving.url, timeout_s=5),
+            allow_pod_local_feedback=True,
+        )
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        wait_until(
+            lambda: manifests.serving_container(live_deployment(cluster))["image"].endswith(":v2"),
+            what="the rollout of v2",
+        )
+
+        def steal():
+            stored = cluster.emulator.objects[LEASES, NAMESPACE, "tfloop-serving-rollout"]
+            stored.patch({"metadata": {"resourceVersion": "stolen"}, "spec": {"holderIdentity": "other@1/x"}})
+
+        cluster.locked(steal)
+    finally:
+        thread.join(timeout=60)
+    result = outcome["result"]
+    assert not result.ok and not result.rolled_back and result.outcome == "failed"
+    assert (
+        "not rolled back: Lease 'tfloop-serving-rollout' was changed or removed by someone else"
+        in result.reason
+    )
+    assert any(note.startswith("warning: Lease") for note in result.notes)
+    assert manifests.lease_holder(lease(cluster)) == "other@1/x"  # not released over the new holder
