@@ -86,6 +86,7 @@ def test_real_rollout_smoke_test_and_rollback(real_cluster):
         spec=spec,
         timeout_s=300,
         smoke=SmokeSettings(),
+        allow_pod_local_feedback=True,
         on_progress=print,
     )
     assert good.ok, good.reason
@@ -97,9 +98,10 @@ def test_real_rollout_smoke_test_and_rollback(real_cluster):
         spec=spec,
         timeout_s=180,
         smoke=SmokeSettings(),
+        allow_pod_local_feedback=True,
         on_progress=print,
     )
-    assert not bad.ok and bad.rolled_back and bad.rollback_ok, bad.reason
+    assert not bad.ok and bad.outcome == "rolled_back" and bad.rolled_back and bad.rollback_ok, bad.reason
     assert "ErrImagePull" in bad.reason or "ImagePullBackOff" in bad.reason
     with forward_service(cluster, service_name=spec.app_name, port=spec.port) as url:
         assert smoke_test(base_url=url, model_name=model, expected_version=version).ok
