@@ -428,14 +428,23 @@ def _download_candidate(run_id: str, tracking_uri: str, workdir: Path) -> Candid
     def fetch(artifact: str) -> Path:
         return _fetch_artifact(run_id, artifact, tracking_uri, workdir)
 
+    from mlflow.exceptions import MlflowException
+
     labels = json.loads(fetch("labels.json").read_text())
     config = json.loads(fetch("train_config.json").read_text())
+    try:
+        split = json.loads(fetch(SPLIT_ARTIFACT).read_text())
+    except (MlflowException, OSError) as error:
+        raise storage.TfloopError(
+            f"run {run_id} has no {SPLIT_ARTIFACT}: it was trained without the train/validation/test split "
+            "the gate scores on; train the candidate again"
+        ) from error
     return CandidateRun(
         model_path=fetch("model/model.keras"),
         labels=[str(label) for label in labels],
         image_size=int(config["image_size"]),
         config=config,
-        split=json.loads(fetch(SPLIT_ARTIFACT).read_text()),
+        split=split,
     )
 
 
@@ -474,6 +483,7 @@ class DeliveryRequest:
     run_id: str
     tracking_uri: str
     options: DeliveryOptions
+    feedback_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -607,7 +617,7 @@ def roll_out_image(request: DeliveryRequest, *, image: str | None, digest: str |
     if no_cluster:
         return StepOutcome(ran=False, detail=f"rollout skipped: {no_cluster}")
     from k8s.rollout import deploy
-    from k8s.settings import ClusterSettings, DeployTarget
+    from k8s.settings import ClusterSettings, DeployTarget, ServingSettings
     from k8s.smoke import SmokeSettings
 
     settings = ClusterSettings(
@@ -622,7 +632,17 @@ def roll_out_image(request: DeliveryRequest, *, image: str | None, digest: str |
         run_id=request.run_id,
         digest=digest,
     )
-    result = deploy(target, settings=settings, timeout_s=options.rollout_timeout_s, smoke=SmokeSettings())
+    # The pods take their corrections to the queue this loop trains from, when it is one they can reach.
+    shared_queue = (
+        request.feedback_uri if request.feedback_uri and storage.is_gcs(request.feedback_uri) else None
+    )
+    result = deploy(
+        target,
+        settings=settings,
+        serving=ServingSettings(feedback_uri=shared_queue) if shared_queue else None,
+        timeout_s=options.rollout_timeout_s,
+        smoke=SmokeSettings(),
+    )
     if not result.ok:
         if result.rolled_back:
             raise RolledBackError(

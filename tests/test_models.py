@@ -152,3 +152,21 @@ def test_keras_file_round_trip(tmp_path: Path) -> None:
     assert restored.get_layer("preprocess").mode == "tf"
     with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "nothing.keras")
+
+
+def test_training_options_reuse_the_train_config_fields() -> None:
+    from pydantic import ValidationError
+
+    from pipeline.loop import TrainingOptions
+    from training.fit import TrainingParameters
+
+    assert set(TrainingParameters.model_fields) <= set(TrainingOptions.model_fields)
+    assert {"validation_fraction", "test_fraction", "min_images_per_label"} <= set(TrainConfig.model_fields)
+    options = TrainingOptions(test_fraction=0.3, epochs=2, extra={"learning_rate": 0.5, "epochs": 3})
+    config = options.train_config(data=["a", "b"], model_name="m")
+    assert config.data == ("a", "b") and config.model_name == "m"
+    assert config.test_fraction == 0.3 and config.learning_rate == 0.5 and config.epochs == 3
+    with pytest.raises(ValidationError, match="must stay below 1"):
+        TrainingOptions(validation_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValidationError, match="unknown backbone"):
+        options.model_copy(update={"extra": {"backbone": "resnet"}}).train_config(data=["a"], model_name="m")
