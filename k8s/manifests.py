@@ -44,6 +44,7 @@ GCP_KEY_FILE = "key.json"
 FEEDBACK_URI_KEY = "TFLOOP_SERVE_FEEDBACK_URI"
 PREFECT_API_URL_KEY = "TFLOOP_SERVE_PREFECT_API_URL"
 DRAIN_KEY = "TFLOOP_SERVE_DRAIN_S"
+SHUTDOWN_TIMEOUT_KEY = "TFLOOP_SERVE_SHUTDOWN_TIMEOUT_S"
 MODEL_NAME_ENV = "TFLOOP_SERVE_MODEL_NAME"
 VERSION_POLICY_ENV = "TFLOOP_SERVE_VERSION_POLICY"
 CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
@@ -120,6 +121,7 @@ def config_map(spec: ServingSpec, settings: ServingSettings | None = None) -> Ob
         "TFLOOP_SERVE_PORT": str(spec.port),
         "TFLOOP_SERVE_LOG_LEVEL": "info",
         DRAIN_KEY: str(spec.drain_s),
+        SHUTDOWN_TIMEOUT_KEY: str(spec.shutdown_timeout_s),
     }
     if settings.prefect_api_url:
         data[PREFECT_API_URL_KEY] = settings.prefect_api_url
@@ -349,6 +351,29 @@ def serving_objects(
     return objects
 
 
+TRAIN_WORKERS_SERVICE = "tfloop-train-workers"
+TRAIN_WORKERS_LABEL = "tfloop.io/train-workers"
+TRAIN_WORKER_PORT = 12345
+
+
+def prefect_train_workers_service(
+    *, namespace: str = "tfloop", name: str = TRAIN_WORKERS_SERVICE, port: int = TRAIN_WORKER_PORT
+) -> Obj:
+    """The headless Service that gives every training pod a DNS name ``<job>-<index>.<name>`` (the pods set
+    ``subdomain: <name>``), so multi-worker training finds its peers. Apply it once per namespace."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "tfloop"}},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {TRAIN_WORKERS_LABEL: "true"},
+            "ports": [{"name": "worker", "port": port, "targetPort": port}],
+        },
+    }
+
+
 def prefect_gpu_job_template(
     *,
     image: str = "tfloop-train:latest",
@@ -359,7 +384,11 @@ def prefect_gpu_job_template(
     """A base job template for a Prefect Kubernetes work pool whose jobs get ``gpu_count`` NVIDIA GPUs.
 
     Use it with ``prefect work-pool create NAME --type kubernetes --base-job-template FILE.json``; every
-    ``{{ name }}`` is a Prefect job variable the deployment may override (``job_variables``).
+    ``{{ name }}`` is a Prefect job variable the deployment may override (``job_variables``). The Job is
+    Indexed with ``workers`` pods (default 1) behind the headless Service of
+    :func:`prefect_train_workers_service`; the container runs ``python -m training.distribute``, which sets
+    ``TF_CONFIG`` from the pod's completion index when there are several workers and then runs the command.
+    ``backoff_limit`` restarts lost workers; training resumes from the chief's last checkpoint.
     """
     selector = dict(node_selector or {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"})
     return {
@@ -382,11 +411,16 @@ def prefect_gpu_job_template(
                     "namespace": "{{ namespace }}",
                 },
                 "spec": {
-                    "backoffLimit": 0,
+                    "backoffLimit": "{{ backoff_limit }}",
+                    "completionMode": "Indexed",
+                    "completions": "{{ workers }}",
+                    "parallelism": "{{ workers }}",
                     "ttlSecondsAfterFinished": "{{ finished_job_ttl }}",
                     "template": {
+                        "metadata": {"labels": {TRAIN_WORKERS_LABEL: "true"}},
                         "spec": {
                             "restartPolicy": "Never",
+                            "subdomain": "{{ workers_service }}",
                             "serviceAccountName": "{{ service_account_name }}",
                             "nodeSelector": "{{ node_selector }}",
                             "tolerations": [
@@ -397,6 +431,15 @@ def prefect_gpu_job_template(
                                     "name": "prefect-job",
                                     "image": "{{ image }}",
                                     "imagePullPolicy": "{{ image_pull_policy }}",
+                                    "command": [
+                                        "python",
+                                        "-m",
+                                        "training.distribute",
+                                        "--workers={{ workers }}",
+                                        "--service={{ workers_service }}",
+                                        "--port={{ worker_port }}",
+                                        "--",
+                                    ],
                                     "args": "{{ command }}",
                                     "env": "{{ env }}",
                                     "resources": {
@@ -412,7 +455,7 @@ def prefect_gpu_job_template(
                                     },
                                 }
                             ],
-                        }
+                        },
                     },
                 },
             },
@@ -448,6 +491,28 @@ def prefect_gpu_job_template(
                     "additionalProperties": {"type": "string"},
                 },
                 "gpu_count": {"type": "integer", "title": "GPUs per job", "default": gpu_count, "minimum": 0},
+                "workers": {
+                    "type": "integer",
+                    "title": "Training workers (pods of the Indexed Job; above 1: multi-worker training)",
+                    "default": 1,
+                    "minimum": 1,
+                },
+                "workers_service": {
+                    "type": "string",
+                    "title": "Headless Service naming the workers",
+                    "default": TRAIN_WORKERS_SERVICE,
+                },
+                "worker_port": {
+                    "type": "integer",
+                    "title": "Port the workers talk on",
+                    "default": TRAIN_WORKER_PORT,
+                },
+                "backoff_limit": {
+                    "type": "integer",
+                    "title": "Pod restarts before the job fails (a restarted worker resumes)",
+                    "default": 0,
+                    "minimum": 0,
+                },
                 "cpu": {"type": "string", "title": "CPU request", "default": "4"},
                 "memory": {"type": "string", "title": "Memory request and limit", "default": "16Gi"},
                 "finished_job_ttl": {

@@ -64,8 +64,10 @@ class ServingSpec:
     """The shape of the serving workload: names, sizes, probes and drain (defaults match ``k8s/manifests``).
 
     On termination a pod first sleeps ``pre_stop_s`` (its ``preStop`` hook, so that Services stop sending
-    it traffic), then gets SIGTERM and drains in-flight requests for up to ``drain_s``
-    (``TFLOOP_SERVE_DRAIN_S``); ``termination_grace_s`` must cover both before the kubelet kills it.
+    it traffic), then gets SIGTERM: serving keeps answering for ``drain_s`` (``TFLOOP_SERVE_DRAIN_S``) and
+    then lets requests in progress finish for up to ``shutdown_timeout_s``
+    (``TFLOOP_SERVE_SHUTDOWN_TIMEOUT_S``); ``termination_grace_s`` must cover all three before the kubelet
+    kills it.
     """
 
     app_name: str = "tfloop-serving"
@@ -87,6 +89,7 @@ class ServingSpec:
     run_as_user: int = 10001
     pre_stop_s: int = 5
     drain_s: int = 5
+    shutdown_timeout_s: int = 15
     termination_grace_s: int = 30
 
     def __post_init__(self) -> None:
@@ -95,14 +98,13 @@ class ServingSpec:
                 f"app name {self.app_name!r} is not a DNS label of at most 50 characters: use lowercase "
                 "letters, digits and '-' (e.g. tfloop-serving)"
             )
-        if (
-            min(self.pre_stop_s, self.drain_s) < 0
-            or self.pre_stop_s + self.drain_s >= self.termination_grace_s
-        ):
+        stop = (self.pre_stop_s, self.drain_s, self.shutdown_timeout_s)
+        if min(stop) < 0 or sum(stop) >= self.termination_grace_s:
             raise InvalidSettingsError(
                 f"termination grace {self.termination_grace_s} s must exceed the preStop sleep "
-                f"({self.pre_stop_s} s) plus the drain ({self.drain_s} s), both 0 or more: raise "
-                "termination_grace_s or lower the others"
+                f"({self.pre_stop_s} s) plus the drain ({self.drain_s} s) plus the shutdown timeout "
+                f"({self.shutdown_timeout_s} s), each 0 or more: raise termination_grace_s or lower the "
+                "others"
             )
 
 

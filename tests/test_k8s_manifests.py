@@ -392,14 +392,15 @@ def test_live_settings_read_back_what_the_builders_wrote():
 
 
 def test_termination_waits_for_the_prestop_sleep_and_the_drain():
-    spec = ServingSpec(pre_stop_s=4, drain_s=10, termination_grace_s=20)
+    spec = ServingSpec(pre_stop_s=4, drain_s=10, shutdown_timeout_s=5, termination_grace_s=20)
     pod = manifests.deployment(spec, target=DEFAULT_TARGET)["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 20
     hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert hook == ["python", "-c", "import time; time.sleep(4)"]
-    assert manifests.config_map(spec)["data"]["TFLOOP_SERVE_DRAIN_S"] == "10"
+    data = manifests.config_map(spec)["data"]
+    assert data["TFLOOP_SERVE_DRAIN_S"] == "10" and data["TFLOOP_SERVE_SHUTDOWN_TIMEOUT_S"] == "5"
     with pytest.raises(InvalidSettingsError, match="must exceed the preStop sleep"):
-        ServingSpec(pre_stop_s=10, drain_s=20, termination_grace_s=30)
+        ServingSpec(pre_stop_s=5, drain_s=5, termination_grace_s=25)
 
 
 def test_restore_patch_puts_the_previous_object_back():
