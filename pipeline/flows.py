@@ -185,6 +185,7 @@ def _run_loop(
         run_id=outcome.run_id,
         tracking_uri=settings.tracking_uri,
         options=delivery,
+        feedback_uri=settings.feedback_root,
     )
     image = tasks.build_image(request)
     rollout = tasks.roll_out(request, image)

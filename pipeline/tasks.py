@@ -7,8 +7,9 @@ the steps that had finished instead of redoing them. Training keeps a checkpoint
 retried training task resumes from its last checkpoint.
 
 Retries never duplicate: a retried export returns the version its run already has (export.api), promotion
-is idempotent, and a rollout that was rolled back (``loop.RolledBackError``) or a delivery that cannot work
-(``loop.DeliveryConfigError``) is final: :func:`retry_unless_final` refuses to retry it.
+is idempotent, and a rollout that was rolled back (``loop.RolledBackError``), a delivery that cannot work
+(``loop.DeliveryConfigError``) or settings the cluster refuses are final: :func:`retry_unless_final` refuses
+to retry them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
+from k8s.errors import ForbiddenError, InvalidSettingsError, InvalidTargetError, NamespaceMissingError
 from pipeline import loop
 from training import gate
 
-FINAL_ERRORS: tuple[type[BaseException], ...] = (loop.RolledBackError, loop.DeliveryConfigError)
+# Errors a retry cannot fix: the same rollout would be rolled back again, the same settings refused again.
+FINAL_ERRORS: tuple[type[BaseException], ...] = (
+    loop.RolledBackError,
+    loop.DeliveryConfigError,
+    InvalidTargetError,
+    InvalidSettingsError,
+    ForbiddenError,
+    NamespaceMissingError,
+)
 
 
 def retry_unless_final(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -1,13 +1,15 @@
-"""The feedback trigger end to end: a real Prefect server (event and automation services on), flows.yaml
-deployed to it, a process worker, a real serving process that emits ``tfloop.feedback.received`` over HTTP,
-and exactly one ``retrain-from-feedback`` flow run once the threshold is crossed.
+"""flows.yaml on a real Prefect server (event and automation services on, one server for the module) with a
+process worker: a second run of a deployment while the first is running waits for it (ENQUEUE), and the
+feedback trigger starts exactly one ``retrain-from-feedback`` run once the corrections of two clients (a
+real serving process over HTTP and a second sender of the same events) cross the threshold.
 
-Slow (a server, a worker and a serving process start; a tiny model is exported). The retraining run is the
-real flow; the test stops it once it has been seen running.
+Slow (a server, workers and a serving process start; a tiny model is exported). The retraining run is the
+real flow; the test stops it once it has been seen running, and cancels it so that it frees its slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -27,7 +29,7 @@ from tests.conftest import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROOT = Path(__file__).resolve().parent.parent
-THRESHOLD = 3
+THRESHOLD = 3  # corrections: THRESHOLD - 2 from serving, one from a second client, one more
 LABELS = ("circle", "square")
 
 
@@ -90,25 +92,133 @@ def exported_model(tfloop_home: Path) -> dict[str, str]:
     return {"data": str(data), "models": str(base), "feedback": str(tfloop_home / "feedback")}
 
 
-@pytest.fixture
-def prefect_server(tfloop_home: Path) -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from pipeline.prefect_server import start_server
 
-    with start_server(home=tfloop_home / "prefect", startup_timeout=300) as server:
+    home = tmp_path_factory.mktemp("prefect-server")
+    # An enqueued run is looked at again after this many seconds (Prefect's default: 30).
+    extra = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3"}
+    with start_server(home=home, startup_timeout=300, extra_env=extra) as server:
         yield server
 
 
-def _feedback_runs(api_url: str) -> list[Any]:
+@contextlib.contextmanager
+def _client(api_url: str) -> Iterator[Any]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        return list(
-            client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["feedback-retrain"]))
-            )
+        yield client
+
+
+def _feedback_runs(api_url: str, *, besides: frozenset[Any] = frozenset()) -> list[Any]:
+    """The runs of ``feedback-retrain`` on the server, except those whose ids are in ``besides``."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _client(api_url) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["feedback-retrain"]))
         )
+    return [run for run in runs if run.id not in besides]
+
+
+def _worker_env(server: Any, tfloop_home: Path, data: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(server.env())
+    env.update(
+        {
+            "TFLOOP_HOME": str(tfloop_home),
+            "TFLOOP_DATA_URI": data,
+            "KUBECONFIG": str(tfloop_home / "no-kubeconfig"),
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        }
+    )
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    return env
+
+
+def _cancel_unfinished(api_url: str) -> None:
+    """Cancel runs a stopped worker left behind, so they hold no concurrency slot for the next test."""
+    from prefect.states import Cancelled
+
+    with _client(api_url) as client:
+        for run in _feedback_runs(api_url):
+            if run.state is not None and not run.state.is_final():
+                client.set_flow_run_state(run.id, Cancelled(message="stopped by the test"), force=True)
+
+
+def test_a_second_run_of_a_deployment_waits_for_the_first(
+    tfloop_home: Path, prefect_server: Any, tmp_path: Path
+) -> None:
+    from pipeline.loop import loop_limit_name
+    from pipeline.prefect_server import DeployOptions, deploy_flows
+    from training.demo_data import make_demo_dataset
+
+    api_url = prefect_server.api_url
+    data = tfloop_home / "data" / "demo"
+    make_demo_dataset(str(data), per_class=2, image_size=32, labels=LABELS)
+    deploy_flows(
+        flows_file=ROOT / "flows.yaml",
+        project_dir=ROOT,
+        api_url=api_url,
+        home=prefect_server.home,
+        options=DeployOptions(names=("feedback-retrain",), feedback_threshold=10_000),
+        model_name="tfloop-classifier",
+    )
+    with _client(api_url) as client:
+        deployment = client.read_deployment_by_name("retrain-from-feedback/feedback-retrain")
+        assert (
+            deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
+        )
+        assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
+        # Both runs are due before the worker's first poll: they collide for certain.
+        created = [
+            client.create_flow_run_from_deployment(deployment.id, parameters={"reason": f"collision {index}"})
+            for index in range(2)
+        ]
+    worker_log = tmp_path / "worker.log"
+    worker = _start(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tfloop-local", "--type", "process"],
+        env=_worker_env(prefect_server, tfloop_home, str(data)),
+        log=worker_log,
+    )
+    try:
+
+        def finished() -> list[Any] | None:
+            with _client(api_url) as client:
+                runs = [client.read_flow_run(run.id) for run in created]
+            return runs if all(run.state and run.state.is_final() for run in runs) else None
+
+        runs = _wait_until(
+            finished, timeout=300, what="both runs to finish", logs=[worker_log, prefect_server.log_path]
+        )
+        with _client(api_url) as client:
+            histories = [[state.name for state in client.read_flow_run_states(run.id)] for run in runs]
+            limit = client.read_global_concurrency_limit_by_name(loop_limit_name("tfloop-classifier"))
+    finally:
+        _stop(worker)
+    assert all(run.state.is_completed() for run in runs), [(run.name, run.state) for run in runs]
+    waited = [history for history in histories if "AwaitingConcurrencySlot" in history]
+    assert len(waited) == 1, histories  # exactly one run collided and waited ...
+    first, second = sorted(runs, key=lambda run: run.start_time)
+    assert first.end_time <= second.start_time  # ... and ran only after the other had ended
+    assert limit.limit == 1 and limit.active_slots == 0  # the model's loop slot, released by both
+
+
+async def _emit_as_second_client(api_url: str, *, label: str) -> bool:
+    """A feedback event exactly as a serving replica emits it, from another client."""
+    from serving.events import PrefectEventSender, feedback_event
+
+    sender = PrefectEventSender(api_url, timeout_s=10.0)
+    await sender.start()
+    try:
+        return await sender.send(
+            feedback_event(model_name="tfloop-classifier", label=label, payload={"source": "second client"})
+        )
+    finally:
+        await sender.stop()
 
 
 def test_threshold_of_corrections_starts_exactly_one_retraining_run(
@@ -117,11 +227,12 @@ def test_threshold_of_corrections_starts_exactly_one_retraining_run(
     from pipeline.prefect_server import DeployOptions, deploy_flows
 
     api_url = prefect_server.api_url
+    earlier = frozenset(run.id for run in _feedback_runs(api_url))  # other tests' runs on this server
     deployed = deploy_flows(
         flows_file=ROOT / "flows.yaml",
         project_dir=ROOT,
         api_url=api_url,
-        home=tfloop_home / "prefect",
+        home=prefect_server.home,
         options=DeployOptions(
             feedback_threshold=THRESHOLD,
             feedback_within_s=3600,
@@ -133,16 +244,7 @@ def test_threshold_of_corrections_starts_exactly_one_retraining_run(
     )
     assert deployed == ["feedback-retrain"]
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(prefect_server.env())
-    env.update(
-        {
-            "TFLOOP_HOME": str(tfloop_home),
-            "TFLOOP_DATA_URI": exported_model["data"],
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
-            "PREFECT_WORKER_PREFETCH_SECONDS": "0",
-        }
-    )
+    env = _worker_env(prefect_server, tfloop_home, exported_model["data"])
     worker_log, serving_log = tmp_path / "worker.log", tmp_path / "serving.log"
     logs = [worker_log, serving_log, prefect_server.log_path]
     worker = _start(
@@ -182,21 +284,22 @@ def test_threshold_of_corrections_starts_exactly_one_retraining_run(
             )
             assert answer.status_code == 202, answer.text
 
-        for index in range(THRESHOLD - 1):
+        for index in range(THRESHOLD - 2):
             post(index)
+        assert asyncio.run(_emit_as_second_client(api_url, label=LABELS[1]))
         time.sleep(15)  # time enough for a wrongly eager trigger to fire
-        assert _feedback_runs(api_url) == [], "a run started below the threshold"
+        assert _feedback_runs(api_url, besides=earlier) == [], "a run started below the threshold"
 
         post(THRESHOLD - 1)
         runs = _wait_until(
-            lambda: _feedback_runs(api_url),
+            lambda: _feedback_runs(api_url, besides=earlier),
             timeout=180,
             what="the feedback trigger to start a run",
             logs=logs,
         )
 
         def running() -> Any:
-            found = _feedback_runs(api_url)
+            found = _feedback_runs(api_url, besides=earlier)
             return (
                 found
                 if any(r.state and (r.state.is_running() or r.state.is_final()) for r in found)
@@ -204,8 +307,9 @@ def test_threshold_of_corrections_starts_exactly_one_retraining_run(
             )
 
         runs = _wait_until(running, timeout=180, what="the worker to run the retraining flow", logs=logs)
+        assert asyncio.run(_emit_as_second_client(api_url, label=LABELS[0]))  # below the next threshold
         time.sleep(10)  # no second run may follow
-        runs = _feedback_runs(api_url)
+        runs = _feedback_runs(api_url, besides=earlier)
         assert len(runs) == 1, [(r.name, r.state_name) for r in runs]
         run = runs[0]
         assert run.parameters["reason"] == "feedback threshold reached"
@@ -217,3 +321,4 @@ def test_threshold_of_corrections_starts_exactly_one_retraining_run(
     finally:
         _stop(serving)
         _stop(worker)
+        _cancel_unfinished(api_url)
