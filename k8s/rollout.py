@@ -1,13 +1,16 @@
 """Roll a model version out to Kubernetes, verify it, and roll back automatically when it fails.
 
-:func:`deploy` creates or updates the serving stack (get, then create or JSON-merge-patch), points the
-Deployment at the new image and model version, and waits like ``kubectl rollout status``: the observed
-generation caught up and updated, ready and available replicas equal to the desired count. It stops on
-``ProgressDeadlineExceeded``, on new pods that crash-loop or cannot pull their image, or on the caller's
-timeout, then smoke-tests the Service. On any failure it restores the previous ReplicaSet's pod template
-(what ``kubectl rollout undo`` does), waits for that to be healthy, and returns a failed
-:class:`RolloutResult` that says which condition, pod and event caused it. With ``maxUnavailable: 0`` the
-previous version keeps serving throughout.
+:func:`deploy` takes the Deployment's rollout Lease (:mod:`k8s.lease`: one rollout at a time), reads the
+live serving stack, merges the serving settings it was asked to change onto the ones the cluster has
+(:class:`~k8s.settings.ServingSettings`; a feedback queue inside the pods is refused unless allowed), and
+creates or JSON-merge-patches each object, the Deployment last, recording every object's previous state
+first. It waits like ``kubectl rollout status``: the observed generation caught up and updated, ready and
+available replicas equal to the desired count. It stops on ``ProgressDeadlineExceeded``, on new pods that
+crash-loop, on image-pull and container-config errors (at once: those never restart), or on the caller's
+timeout, then smoke-tests the Service on the new version's routes. On any failure it restores every object
+it changed (and deletes the ones it created), waits for the previous version to be healthy, and returns a
+failed :class:`RolloutResult` whose ``outcome`` says whether it was rolled back, and which condition, pod
+and event caused it. With ``maxUnavailable: 0`` the previous version keeps serving throughout.
 """
 
 from __future__ import annotations
@@ -644,7 +647,13 @@ def _deploy(
         result.reason += f" (not rolled back: {lease.lost})"
         return result
     _report(on_progress, f"rollout failed: {outcome.reason}; rolling back to {previous_image}")
-    _restore(cluster, applied=applied, previous=live, result=result, on_progress=on_progress)
+    try:
+        _restore(cluster, applied=applied, previous=live, result=result, on_progress=on_progress)
+    except ClusterError as error:
+        result.rollback_ok, result.outcome = False, ROLLBACK_FAILED
+        pending = [key for key in applied if key not in {*result.restored, *result.deleted}]
+        result.reason += f"; rollback stopped with {', '.join(pending)} not restored: {error}"
+        return result
     result.rolled_back = True
     back = wait_for_rollout(
         cluster,

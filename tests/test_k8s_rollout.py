@@ -1,11 +1,14 @@
 """Rollouts through the official client against a Kubernetes API emulator on loopback (tests/k8s_sim.py).
 
-The emulator is kmock's ``KubernetesEmulator`` with generations, namespaces and RBAC refusals added; a
-simulated Deployment controller (an asyncio task beside it) rolls pods that become ready, crash-loop, fail
-to pull, or never get ready, as each test chooses. Known gaps of the emulator, all documented in
-tests/k8s_sim.py: JSON merge patches only (tfloop sends nothing else), no server-side selectors (tfloop
-filters lists itself too), no port-forward websockets (the smoke test gets a local URL instead; the real
-port-forward is covered by the opt-in cluster test in tests/test_k8s_cluster.py).
+The emulator is kmock's ``KubernetesEmulator`` with generations, resourceVersion preconditions, namespaces,
+RBAC refusals, Secrets and Leases added; a simulated Deployment controller (an asyncio task beside it) rolls
+pods that become ready, crash-loop, fail to pull (``ErrImagePull``, zero restarts), miss a Secret
+(``CreateContainerConfigError``) or never get ready, as each test chooses. Covered here: rollouts and
+rollbacks of every changed object, serving settings that persist across deploys, the pod-local feedback
+refusal, images by digest, the rollout Lease, and ``tfloop deploy`` itself. Known gaps of the emulator, all
+documented in tests/k8s_sim.py: JSON merge patches only (tfloop sends nothing else), no server-side
+selectors (tfloop filters lists itself too), no port-forward websockets (the smoke test gets a local URL
+instead; the real port-forward is covered by the opt-in cluster test in tests/test_k8s_cluster.py).
 """
 
 from __future__ import annotations
@@ -935,3 +938,15 @@ def test_a_rollout_that_lost_its_lease_does_not_roll_back_over_another(cluster, 
     )
     assert any(note.startswith("warning: Lease") for note in result.notes)
     assert manifests.lease_holder(lease(cluster)) == "other@1/x"  # not released over the new holder
+
+
+def test_a_rollback_that_cannot_finish_says_what_is_left(cluster, serving):
+    assert run(cluster, serving, 1).ok
+    fail_image(cluster, ":v2", "crashloop")
+    cluster.emulator.forbidden.add(("delete", "networkpolicies"))
+    result = run(cluster, serving, 2, network_policy=True)
+    assert not result.ok and not result.rolled_back and result.outcome == "rollback_failed"
+    assert result.restored == ["Deployment/tfloop-serving"] and result.deleted == []
+    assert "rollback stopped with NetworkPolicy/tfloop-serving not restored" in result.reason
+    assert "refused to delete networkpolicies 'tfloop-serving'" in result.reason
+    assert manifests.serving_container(live_deployment(cluster))["image"].endswith(":v1")
