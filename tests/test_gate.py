@@ -4,6 +4,7 @@ class, on the corrected slice and against the recorded reference, the flags, det
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +316,34 @@ def test_answers_come_in_batches_and_feedback_roots_mark_corrected_items() -> No
     assert decision.candidate.corrected_accuracy == pytest.approx(1 / 2)
     with pytest.raises(GateError, match="answered"):
         answer_records(lambda images: [], records[:1], read=lambda record: b"")
+
+
+def test_the_decision_is_logged_to_mlflow_and_a_pass_carries_the_reference(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from training.gate import REFERENCE_ARTIFACT, SCORES_ARTIFACT, log_gate_decision
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("gate", artifact_location=str(tmp_path / "art"))
+    items = _items(25)
+    champion = _answers(items, accuracy=0.8, seed=0)
+    runs = {}
+    for name, reference in (("first", None), ("second", ReferenceScores(run_id="r0", correct={"x": True}))):
+        run_id = client.create_run(experiment).info.run_id
+        decision = evaluate_gate(items, champion, champion, policy=POLICY, reference=reference)
+        assert decision.passed
+        log_gate_decision(decision, run_id=run_id, tracking_uri=uri)
+        runs[name] = run_id
+    first = client.get_run(runs["first"])
+    assert first.data.tags["tfloop.gate"] == "passed" and first.data.metrics["gate_passed"] == 1.0
+    assert first.data.tags["tfloop.gate_reference_run"] == runs["first"]  # no reference yet: its own scores
+    folder = Path(client.download_artifacts(runs["first"], "gate", str(tmp_path / "one")))
+    assert {p.name for p in folder.iterdir()} >= {"decision.json", "decision.md", "class_change.png"}
+    scores = json.loads((folder.parent / SCORES_ARTIFACT).read_text())
+    assert (
+        len(scores) == 250
+        and json.loads((folder.parent / REFERENCE_ARTIFACT).read_text())["correct"] == scores
+    )
+    carried = client.download_artifacts(runs["second"], REFERENCE_ARTIFACT, str(tmp_path / "two"))
+    assert json.loads(Path(carried).read_text()) == {"run_id": "r0", "correct": {"x": True}}
