@@ -61,8 +61,15 @@ def check(
     data: Annotated[
         list[str], typer.Argument(help="Dataset roots (folders or gs:// prefixes) <label>/<image>.")
     ],
-    validation_fraction: Annotated[float, typer.Option(help="Share of files on the validation side.")] = 0.2,
-    min_images: Annotated[int, typer.Option(help="Minimum valid images per label.", min=1)] = 5,
+    validation_fraction: Annotated[
+        float, typer.Option(help="Share of images (by content hash) for early stopping.")
+    ] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(help="Share of images (by content hash) held out for the gate.")
+    ] = 0.2,
+    min_images: Annotated[
+        int, typer.Option(help="Labels with fewer distinct images are left out.", min=1)
+    ] = 5,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the data report as the last stdout line.")
     ] = False,
@@ -75,6 +82,7 @@ def check(
         scanned = scan_dataset(
             data,
             validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
             min_images_per_label=min_images,
             cache_dir=Path(cache),
         )
@@ -88,8 +96,16 @@ def check(
     for label in report.labels:
         typer.echo(
             f"  {label:>20}: train {report.train_counts[label]:5d}  "
-            f"validation {report.validation_counts[label]:5d}"
+            f"validation {report.validation_counts[label]:5d}  test {report.test_counts[label]:5d}"
         )
+    typer.echo(
+        f"{report.duplicates} duplicate file(s) counted once; {report.quarantined_count} image(s) "
+        "quarantined (same bytes, different labels)"
+    )
+    for conflict in report.quarantined[:20]:
+        typer.echo(f"  quarantined {conflict.sha256[:12]}: {' vs '.join(conflict.labels)}: {conflict.files}")
+    for label, count in report.excluded_labels.items():
+        typer.echo(f"  left out: label {label!r} has {count} image(s), fewer than {min_images}")
     skipped = {reason: count for reason, count in report.skipped_counts.items() if count}
     typer.echo(f"skipped {report.skipped_total} files" + (f": {skipped}" if skipped else ""))
     for item in report.skipped[:20]:
