@@ -195,6 +195,41 @@ def pod_problems(pods: list[Mapping[str, Any]], *, crashloop_restarts: int = 2) 
     return found
 
 
+def creating(pods: list[Mapping[str, Any]]) -> list[str]:
+    """Names of pods whose containers still wait in ``ContainerCreating`` (volumes not mounted yet)."""
+    return [
+        pod["metadata"]["name"]
+        for pod in pods
+        if any(
+            ((status.get("state") or {}).get("waiting") or {}).get("reason") == "ContainerCreating"
+            for status in (pod.get("status") or {}).get("containerStatuses") or []
+        )
+    ]
+
+
+def mount_problems(pods: list[Mapping[str, Any]], events: list[Mapping[str, Any]]) -> list[PodProblem]:
+    """Pods stuck in ``ContainerCreating`` because a volume's Secret or ConfigMap does not exist.
+
+    The kubelet retries such a mount forever and says so only in ``FailedMount`` Warning events; the pod
+    would otherwise just wait until the progress deadline.
+    """
+    waiting = set(creating(pods))
+    found: dict[str, PodProblem] = {}
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        pod = involved.get("name")
+        message = str(event.get("message") or "")
+        if (
+            pod in waiting
+            and pod not in found
+            and event.get("type") == "Warning"
+            and event.get("reason") == "FailedMount"
+            and "not found" in message
+        ):
+            found[pod] = PodProblem(pod=pod, container="-", reason="FailedMount", message=message, restarts=0)
+    return list(found.values())
+
+
 def previous_model(deployment: Mapping[str, Any]) -> tuple[str | None, int | None]:
     """The image and model version a live Deployment runs now."""
     try:
@@ -318,15 +353,19 @@ def new_pods(
     ]
 
 
+def list_events(cluster: Cluster) -> list[dict[str, Any]]:
+    answer = call(
+        cluster, cluster.core.list_namespaced_event, cluster.namespace, verb="list", resource="events"
+    )
+    return list(answer.get("items", []))
+
+
 def warning_events(cluster: Cluster, *, names: set[str]) -> list[str]:
     """Warning events about the named objects, oldest first, as ``Kind/name: Reason: message`` lines."""
     if not names:
         return []
-    answer = call(
-        cluster, cluster.core.list_namespaced_event, cluster.namespace, verb="list", resource="events"
-    )
     lines = []
-    for event in answer.get("items", []):
+    for event in list_events(cluster):
         involved = event.get("involvedObject") or {}
         if involved.get("name") in names and event.get("type") == "Warning":
             count = event.get("count") or 1
@@ -358,6 +397,8 @@ def wait_for_rollout(
         current = manifests.current_replicaset(deployment, replicasets)
         pods = new_pods(cluster, deployment, current) if current else []
         problems = pod_problems(pods, crashloop_restarts=crashloop_restarts)
+        if not problems and creating(pods):
+            problems = mount_problems(pods, list_events(cluster))
         if status.failure or problems:
             names = {pod["metadata"]["name"] for pod in pods} | {name}
             if current:

@@ -20,7 +20,8 @@ patch; it runs no controllers. This module adds, honestly and only as far as tfl
   new revision, when its template comes back, as on rollback), rolling updates that honour ``maxSurge``
   and ``maxUnavailable: 0``, pods that become ready or crash-loop or fail to pull their image as the
   test decides (with Warning events), containers whose ``secretKeyRef`` names a missing Secret or key
-  (``CreateContainerConfigError``, as the kubelet reports it), ``observedGeneration``, and the
+  (``CreateContainerConfigError``, as the kubelet reports it), pods whose Secret volume is missing
+  (``ContainerCreating`` and ``FailedMount`` events), ``observedGeneration``, and the
   ``Progressing`` condition with ``ProgressDeadlineExceeded``. It logs available replicas on every step
   for invariant checks.
 """
@@ -528,6 +529,13 @@ class SimulatedDeploymentController:
                     f"Back-off restarting failed container {container['name']} in pod {name}",
                     restarts,
                 )
+            elif missing_volume := self._missing_secret_volume(namespace, pod):
+                status = {
+                    "phase": "Pending",
+                    "conditions": [{"type": "Ready", "status": "False"}],
+                    "containerStatuses": [{**base, "state": {"waiting": {"reason": "ContainerCreating"}}}],
+                }
+                self._event(namespace, pod, "FailedMount", missing_volume, 1)
             elif missing := self._missing_secret(namespace, container):
                 status = {
                     "phase": "Pending",
@@ -574,6 +582,20 @@ class SimulatedDeploymentController:
                 }
             if pod["status"] != status:
                 self._patch(PODS, namespace, name, {"status": status})
+
+    def _missing_secret_volume(self, namespace: str, pod: dict[str, Any]) -> str | None:
+        """The kubelet's FailedMount message for a Secret volume whose Secret does not exist."""
+        for volume in pod["spec"].get("volumes") or []:
+            secret = volume.get("secret")
+            if not secret or secret.get("optional"):
+                continue
+            key = (SECRETS, namespace, secret["secretName"])
+            if key not in self.emulator.objects or self.emulator.objects[key].deleted:
+                return (
+                    f'MountVolume.SetUp failed for volume "{volume["name"]}" : '
+                    f'secret "{secret["secretName"]}" not found'
+                )
+        return None
 
     def _missing_secret(self, namespace: str, container: dict[str, Any]) -> str | None:
         """The kubelet's message for an env ``secretKeyRef`` whose Secret or key does not exist."""

@@ -16,7 +16,7 @@ import yaml
 
 from k8s import manifests
 from k8s.errors import InvalidSettingsError, InvalidTargetError
-from k8s.rollout import pod_problems, previous_model, rollout_status
+from k8s.rollout import mount_problems, pod_problems, previous_model, rollout_status
 from k8s.settings import DeployTarget, SecretRef, ServingSettings, ServingSpec, split_image
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "k8s" / "manifests"
@@ -457,3 +457,19 @@ def test_image_pull_and_config_errors_are_fatal_with_zero_restarts():
     problems = pod_problems([_pod(reason, 0, f"p{index}") for index, reason in enumerate(reasons)])
     assert [problem.reason for problem in problems] == reasons
     assert pod_problems([_pod("CreateContainerError", 1)]) == []
+
+
+def test_a_missing_volume_secret_is_found_in_failed_mount_events():
+    stuck = _pod("ContainerCreating", 0, "stuck")
+    event = {
+        "type": "Warning",
+        "reason": "FailedMount",
+        "involvedObject": {"kind": "Pod", "name": "stuck"},
+        "message": 'MountVolume.SetUp failed for volume "gcp-key" : secret "k" not found',
+    }
+    assert pod_problems([stuck]) == []
+    [problem] = mount_problems([stuck], [event])
+    assert (problem.pod, problem.reason, problem.restarts) == ("stuck", "FailedMount", 0)
+    assert mount_problems([stuck], [{**event, "involvedObject": {"name": "other"}}]) == []
+    assert mount_problems([stuck], [{**event, "message": "timed out waiting for the condition"}]) == []
+    assert mount_problems([_pod("CrashLoopBackOff", 0, "stuck")], [event]) == []

@@ -665,6 +665,14 @@ def test_a_missing_secret_fails_the_rollout_at_once_and_rolls_back(cluster, serv
     assert not result.ok and result.outcome == "rolled_back", result.reason
     assert 'CreateContainerConfigError (restarts: 0): secret "absent" not found' in result.reason
     assert "TFLOOP_SERVE_TOKEN" not in secret_env(live_deployment(cluster))
+    # A missing key file Secret leaves the pod in ContainerCreating: its FailedMount events say why.
+    result = run(
+        cluster, serving, 3, serving=ServingSettings(gcp_key_secret=SecretRef(name="nokey", key="k"))
+    )
+    assert not result.ok and result.outcome == "rolled_back", result.reason
+    assert 'FailedMount (restarts: 0): MountVolume.SetUp failed for volume "gcp-key"' in result.reason
+    assert 'secret "nokey" not found' in result.reason and "timed out" not in result.reason
+    assert live_deployment(cluster)["spec"]["template"]["spec"]["volumes"][-1]["name"] == "tmp"
 
 
 def restorable_state(cluster) -> dict:
@@ -832,7 +840,12 @@ def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
 
     from pipeline.cli import app
 
-    for name, key in [("prefect", "api-key"), ("feedback-auth", "tok"), ("signing", "secret")]:
+    for name, key in [
+        ("prefect", "api-key"),
+        ("feedback-auth", "tok"),
+        ("signing", "secret"),
+        ("gcs", "key.json"),
+    ]:
         add_secret(cluster, name, key)
     runner = CliRunner()
     common = ["--model-name", "tfloop-classifier", "--kubeconfig", str(cluster.kubeconfig)]
