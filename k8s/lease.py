@@ -107,6 +107,16 @@ def _refuse(
     )
 
 
+def live_holder(cluster: Cluster, *, spec: ServingSpec, clock: Clock = utc_now) -> str | None:
+    """Who holds the rollout Lease now (unexpired), or None; None as well when leases may not be read."""
+    try:
+        live = _read(cluster, manifests.lease_name(spec))
+    except ClusterError:
+        return None
+    expires = manifests.lease_expires_at(live) if live else None
+    return manifests.lease_holder(live) if live and expires and expires > clock() else None
+
+
 def acquire(
     cluster: Cluster, *, spec: ServingSpec, duration_s: int, holder: str | None = None, clock: Clock = utc_now
 ) -> HeldLease:

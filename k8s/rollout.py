@@ -24,7 +24,7 @@ from typing import Any
 from k8s import manifests
 from k8s.client import Cluster, call, connect, ensure_namespace, is_not_found
 from k8s.errors import ClusterApiError, ClusterError, PodLocalFeedbackError
-from k8s.lease import HeldLease, hold_rollout_lease
+from k8s.lease import HeldLease, hold_rollout_lease, live_holder
 from k8s.settings import ClusterSettings, DeployTarget, ServingSettings, ServingSpec, split_image
 from k8s.smoke import SmokeResult, SmokeSettings, forward_service, smoke_test
 
@@ -485,6 +485,11 @@ def deploy(
             )
         if lease is not None:
             _note_lease(result, lease)
+        elif holder := live_holder(cluster, spec=spec):
+            result.notes.append(
+                f"a rollout by {holder} holds Lease {manifests.lease_name(spec)} now: "
+                "deploying would be refused"
+            )
     finally:
         cluster.close()
     result.duration_s = round(time.monotonic() - started, 3)

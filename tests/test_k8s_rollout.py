@@ -823,6 +823,12 @@ def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(cluster, serving):
         RolloutInProgressError, match=r"held by ci-runner@4242/deadbeef.*kubectl delete lease"
     ):
         run(cluster, serving, 1)
+    preview = run(cluster, serving, 1, dry_run=True)  # a dry run takes no Lease, and says who holds it
+    assert preview.ok and preview.lease is None
+    assert preview.notes == [
+        "a rollout by ci-runner@4242/deadbeef holds Lease tfloop-serving-rollout now: "
+        "deploying would be refused"
+    ]
     assert obj(cluster, DEPLOYMENTS, "tfloop-serving") is None
 
     seed(now - datetime.timedelta(minutes=10))
