@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from k8s.errors import InvalidSettingsError, InvalidTargetError
 
@@ -211,6 +212,43 @@ class ServingSettings:
                 f"Google service account {self.gcp_service_account!r} is not an email like "
                 "NAME@PROJECT.iam.gserviceaccount.com: pass the account Workload Identity maps the pods to"
             )
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        feedback_uri: str | None = None,
+        prefect_api_url: str | None = None,
+        prefect_api_key_secret: str | None = None,
+        token_secret: str | None = None,
+        feedback_secret: str | None = None,
+        gcp_service_account: str | None = None,
+        gcp_key_secret: str | None = None,
+    ) -> ServingSettings:
+        """A change given as text (``tfloop deploy``'s flags, a flow's options): None keeps a setting,
+        '' clears it, Secret references are ``NAME`` or ``NAME:KEY`` (default keys:
+        ``SECRET_DEFAULT_KEYS``)."""
+        given = {
+            "feedback_uri": feedback_uri,
+            "prefect_api_url": prefect_api_url,
+            "prefect_api_key_secret": prefect_api_key_secret,
+            "token_secret": token_secret,
+            "feedback_secret": feedback_secret,
+            "gcp_service_account": gcp_service_account,
+            "gcp_key_secret": gcp_key_secret,
+        }
+        values: dict[str, Any] = {}
+        clear: set[str] = set()
+        for name, value in given.items():
+            if value is None:
+                continue
+            if not value.strip():
+                clear.add(name)
+            elif name in SECRET_DEFAULT_KEYS:
+                values[name] = SecretRef.parse(value, default_key=SECRET_DEFAULT_KEYS[name])
+            else:
+                values[name] = value.strip()
+        return cls(**values, clear=frozenset(clear))
 
     def over(self, live: ServingSettings) -> ServingSettings:
         """These settings merged onto ``live``: set fields win, cleared ones go, the rest is kept."""

@@ -473,3 +473,16 @@ def test_a_missing_volume_secret_is_found_in_failed_mount_events():
     assert mount_problems([stuck], [{**event, "involvedObject": {"name": "other"}}]) == []
     assert mount_problems([stuck], [{**event, "message": "timed out waiting for the condition"}]) == []
     assert mount_problems([_pod("CrashLoopBackOff", 0, "stuck")], [event]) == []
+
+
+def test_settings_parse_text_options():
+    parsed = ServingSettings.parse(
+        feedback_uri=" gs://bkt/f ", token_secret="tok", gcp_key_secret="gcs:sa.json", prefect_api_url=""
+    )
+    assert parsed == ServingSettings(
+        feedback_uri="gs://bkt/f",
+        token_secret=SecretRef(name="tok", key="token"),
+        gcp_key_secret=SecretRef(name="gcs", key="sa.json"),
+        clear=frozenset({"prefect_api_url"}),
+    )
+    assert ServingSettings.parse() == ServingSettings()

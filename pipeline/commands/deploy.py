@@ -3,57 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from pipeline.commands._output import emit_json, info
 
-if TYPE_CHECKING:
-    from k8s.settings import ServingSettings
-
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to app."""
     app.command("deploy")(deploy)
-
-
-def serving_settings(
-    *,
-    feedback_uri: str | None,
-    prefect_api_url: str | None,
-    prefect_api_key_secret: str | None,
-    token_secret: str | None,
-    feedback_secret: str | None,
-    gcp_service_account: str | None,
-    gcp_key_secret: str | None,
-) -> ServingSettings:
-    """The serving settings a deploy's flags ask for: unset flags keep the cluster's, '' clears one."""
-    from k8s.settings import SECRET_DEFAULT_KEYS, SecretRef, ServingSettings
-
-    plain = {
-        "feedback_uri": feedback_uri,
-        "prefect_api_url": prefect_api_url,
-        "gcp_service_account": gcp_service_account,
-    }
-    secrets = {
-        "prefect_api_key_secret": prefect_api_key_secret,
-        "token_secret": token_secret,
-        "feedback_secret": feedback_secret,
-        "gcp_key_secret": gcp_key_secret,
-    }
-    values: dict[str, Any] = {}
-    clear: set[str] = set()
-    for name, value in [*plain.items(), *secrets.items()]:
-        if value is None:
-            continue
-        if not value.strip():
-            clear.add(name)
-        elif name in secrets:
-            values[name] = SecretRef.parse(value, default_key=SECRET_DEFAULT_KEYS[name])
-        else:
-            values[name] = value.strip()
-    return ServingSettings(**values, clear=frozenset(clear))
 
 
 def deploy(
@@ -173,11 +132,11 @@ def deploy(
     On failure every object it changed is restored. Exit code 0 when the new version serves, else 1.
     """
     from k8s.rollout import deploy as run_rollout
-    from k8s.settings import ClusterSettings, DeployTarget
+    from k8s.settings import ClusterSettings, DeployTarget, ServingSettings
     from k8s.smoke import SmokeSettings
 
     target = DeployTarget(image=image, model_name=model_name, version=version, run_id=run_id, digest=digest)
-    serving = serving_settings(
+    serving = ServingSettings.parse(
         feedback_uri=feedback_uri,
         prefect_api_url=prefect_api_url,
         prefect_api_key_secret=prefect_api_key_secret,
