@@ -126,10 +126,8 @@ def acquire(
     now = clock()
     live = _read(cluster, name)
     if live is None:
-        body = {
-            **manifests.rollout_lease(spec, holder=holder, duration_s=duration_s, now=now),
-        }
-        body["metadata"] = {**body["metadata"], "namespace": cluster.namespace}
+        body = manifests.rollout_lease(spec, holder=holder, duration_s=duration_s, now=now)
+        body["metadata"]["namespace"] = cluster.namespace
         try:
             created = call(
                 cluster,
