@@ -459,6 +459,14 @@ def test_smoke_test_against_a_plain_server(cluster, serving):
     assert not wrong.ok and "not 5" in wrong.message
     down = smoke_test(base_url="http://127.0.0.1:9", model_name="m", expected_version=5, timeout_s=2)
     assert not down.ok and "ConnectError" in down.message
+    assert ok.route == "/v1/models/m/versions/4"
+    assert "POST /v1/models/m/versions/4:predict 1" in serving.requests
+    # A server without version routes is asked on the model's routes, unless the caller pins.
+    serving.version_routes = False
+    legacy = smoke_test(base_url=serving.url, model_name="m", expected_version=4)
+    assert legacy.ok and legacy.route == "/v1/models/m" and "POST /v1/models/m:predict 1" in serving.requests
+    pinned = smoke_test(base_url=serving.url, model_name="m", expected_version=4, pinned=True)
+    assert not pinned.ok and "GET /v1/models/m/versions/4 answered 404" in pinned.message
 
 
 # ---- the command line ------------------------------------------------------------------------------------
