@@ -625,6 +625,20 @@ def test_serving_settings_land_in_the_objects_and_persist_across_deploys(cluster
     assert set(secret_env(live_deployment(cluster))) == {"PREFECT_API_KEY", "TFLOOP_FEEDBACK_SECRET"}
     assert third.serving_settings["gcp_service_account"] == SA_EMAIL
 
+    # Workload Identity and the key file go back to the node's default credentials.
+    fourth = run(
+        cluster,
+        serving,
+        3,
+        serving=ServingSettings(clear=frozenset({"gcp_service_account", "gcp_key_secret"})),
+    )
+    assert fourth.ok, fourth.reason
+    assert not obj(cluster, SERVICEACCOUNTS, "tfloop-serving")["metadata"].get("annotations")
+    container = manifests.serving_container(live_deployment(cluster))
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in {item["name"] for item in container["env"]}
+    assert [mount["name"] for mount in container["volumeMounts"]] == ["cache", "tmp"]
+    assert settings_data(cluster)["TFLOOP_SERVE_FEEDBACK_URI"] == "gs://tfloop-test/feedback-2"
+
 
 def test_a_settings_change_alone_rolls_the_pods(cluster, serving):
     assert run(cluster, serving, 1, serving=ServingSettings(feedback_uri=FEEDBACK)).ok
