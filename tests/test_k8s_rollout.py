@@ -594,11 +594,18 @@ def test_serving_settings_land_in_the_objects_and_persist_across_deploys(cluster
     account = obj(cluster, SERVICEACCOUNTS, "tfloop-serving")
     assert account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": SA_EMAIL}
 
-    # A deploy that says nothing about settings keeps every one (and is not refused as pod-local).
+    # A deploy that says nothing about settings keeps every one (and is not refused as pod-local), and a
+    # key someone added by hand stays (it changes the checksum, so the pods roll and see it).
+    cluster.locked(
+        lambda: cluster.emulator.objects[CONFIGMAPS, NAMESPACE, "tfloop-serving-settings"].patch(
+            {"data": {"TFLOOP_SERVE_MAX_BATCH_SIZE": "16"}}
+        )
+    )
+    data = settings_data(cluster)
     second = run(cluster, serving, 2, allow_pod_local_feedback=False)
     assert second.ok, second.reason
     assert second.changed == ["Deployment/tfloop-serving"]
-    assert settings_data(cluster) == data
+    assert settings_data(cluster) == data and data["TFLOOP_SERVE_MAX_BATCH_SIZE"] == "16"
     deployment = live_deployment(cluster)
     assert manifests.serving_container(deployment)["image"].endswith(":v2")
     assert secret_env(deployment) == secret_env(live_deployment(cluster))
