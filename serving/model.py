@@ -354,7 +354,7 @@ class ModelManager:
         loading = self._loading
         if loading is not None and loading not in view.models:
             entries.append(VersionStatus(loading, ModelState.LOADING))
-        for version, (_, message) in sorted(self.failed.items(), reverse=True):
+        for version, (_, message) in sorted(list(self.failed.items()), reverse=True):  # the poller writes it
             if version not in view.models and version != loading:
                 entries.append(VersionStatus(version, ModelState.END, error=message))
         return entries

@@ -475,6 +475,43 @@ def test_version_pinning(model_base: str, tmp_path: Path, exported_model: Path) 
         assert status.status_code == 503 and "pinned version 7" in status.json()["error"]
 
 
+def test_live_pointer_rollback_and_a_broken_candidate(
+    model_base: str, tmp_path: Path, exported_model: Path
+) -> None:
+    from storage import versions
+
+    assert publish(exported_model, model_base) == 2
+    versions.write_live_pointer(model_base, NAME, 1, promoted_by="test")
+    body = {"instances": [b64(image_bytes(1))]}
+
+    def answered(route: str = "") -> int | None:
+        response = api.post(f"/v1/models/{NAME}{route}:predict", json=body)
+        return int(response.headers["X-Model-Version"]) if response.status_code == 200 else None
+
+    def settle(condition: object, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    with client(settings_for(model_base, tmp_path, retry_failed_after_s=3600)) as api:
+        settle(lambda: answered("/labels/candidate") == 2, "candidate 2 loads")
+        assert answered() == 1 and api.get("/info").json()["candidate_version"] == 2
+        versions.write_live_pointer(model_base, NAME, 2, promoted_by="test")
+        settle(lambda: answered() == 2, "promotion to 2")
+        assert answered("/versions/1") is None and answered("/labels/candidate") is None
+        versions.write_live_pointer(model_base, NAME, 1, promoted_by="test")  # roll back: 1 loads again
+        settle(lambda: answered() == 1, "rollback to 1")
+        assert answered("/labels/candidate") == 2 and answered("/labels/live") == 1
+        publish_broken(model_base, 3)  # the newest is the candidate now, and it cannot load
+        settle(lambda: answered("/labels/candidate") is None, "broken candidate 3 replaces 2")
+        assert answered() == 1
+        status = api.get(f"/v1/models/{NAME}").json()["model_version_status"]
+        assert [(s["version"], s["state"]) for s in status] == [("1", "AVAILABLE"), ("3", "END")]
+        assert "failed to load" in status[1]["status"]["error_message"]
+        assert api.get(f"/v1/models/{NAME}/versions/3").json()["model_version_status"][0]["state"] == "END"
+
+
 def test_hot_swap_under_load_and_broken_version(
     model_base: str, tmp_path: Path, exported_model: Path
 ) -> None:
