@@ -565,7 +565,8 @@ def build_serving_image(request: DeliveryRequest) -> StepOutcome:
     """Build the serving image of the version when asked to, or when a builder and a cluster exist."""
     options = request.options
     local_note = (
-        f"; a local serving process on {request.model_base} picks up version {request.version} itself"
+        f"; a serving process on {request.model_base} loads version {request.version} as its candidate "
+        "(pinned routes) and serves it once it is promoted"
     )
     if options.build_image is False:
         return StepOutcome(ran=False, detail="image build disabled (delivery.build_image=false)" + local_note)

@@ -63,3 +63,19 @@ def test_summary_shows_both_models_side_by_side(tmp_path: Path) -> None:
     assert "mlflow ui --backend-store-uri sqlite:///" in text
     assert "serving URL: http://127.0.0.1:1" in text
     assert "skipped: image build skipped" in text
+
+
+def test_summary_says_what_is_live_after_the_demo_promoted(tmp_path: Path) -> None:
+    settings = TfloopSettings(home=tmp_path)
+    v2 = {
+        "run_id": "r2",
+        "gate_passed": True,
+        "gate_reason": "passed",
+        "skipped": ["rollout skipped: no image was built", "promotion: delivery.promote=false; ..."],
+    }
+    lines = summary_lines(settings, v1={}, v2=v2, serving_url="http://x", live_version=2)
+    assert "live: version 2 (unpinned requests, X-Model-Version)" in lines
+    assert "skipped: rollout skipped: no image was built" in lines
+    assert not any("promotion:" in line for line in lines)  # the demo promoted v2 after the flow
+    before = summary_lines(settings, v1={}, v2=v2, serving_url="http://x")
+    assert any("promotion: delivery.promote=false" in line for line in before)

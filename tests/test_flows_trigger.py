@@ -140,13 +140,22 @@ def _worker_env(server: Any, tfloop_home: Path, data: str) -> dict[str, str]:
 
 
 def _cancel_unfinished(api_url: str) -> None:
-    """Cancel runs a stopped worker left behind, so they hold no concurrency slot for the next test."""
+    """Cancel runs a stopped worker left behind and free the model's loop slot they held (the server would
+    free it when its lease expires), so the next test on this server does not wait for them."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled
+
+    from pipeline.loop import loop_limit_name
 
     with _client(api_url) as client:
         for run in _feedback_runs(api_url):
             if run.state is not None and not run.state.is_final():
                 client.set_flow_run_state(run.id, Cancelled(message="stopped by the test"), force=True)
+        with contextlib.suppress(ObjectNotFound):
+            client.update_global_concurrency_limit(
+                loop_limit_name("tfloop-classifier"), GlobalConcurrencyLimitUpdate(active_slots=0)
+            )
 
 
 def test_a_second_run_of_a_deployment_waits_for_the_first(

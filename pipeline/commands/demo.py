@@ -170,7 +170,9 @@ def demo(
         summary["serving_url"] = serving.url
 
         _step(10, "summary")
-        for line in summary_lines(settings, v1=v1, v2=v2, serving_url=serving.url):
+        for line in summary_lines(
+            settings, v1=v1, v2=v2, serving_url=serving.url, live_version=summary["serving_version"]
+        ):
             typer.echo(line)
         typer.echo(f"finished in {time.monotonic() - started:.0f} s")
         if keep_serving:
@@ -266,8 +268,18 @@ def serve_command(settings: Any) -> str:
     )
 
 
-def summary_lines(settings: Any, *, v1: dict[str, Any], v2: dict[str, Any], serving_url: str) -> list[str]:
-    """v1 and v2 side by side on v2's held-out data (the gate's evaluation), and where to look next."""
+def summary_lines(
+    settings: Any,
+    *,
+    v1: dict[str, Any],
+    v2: dict[str, Any],
+    serving_url: str,
+    live_version: int | None = None,
+) -> list[str]:
+    """v1 and v2 side by side on v2's held-out data (the gate's evaluation), what is live, where to look.
+
+    ``live_version`` is what serving answers unpinned requests with at the end (after the demo's promotion).
+    """
     candidate = v2.get("candidate_metrics") or {}
     champion = v2.get("champion_metrics") or {}
 
@@ -290,7 +302,12 @@ def summary_lines(settings: Any, *, v1: dict[str, Any], v2: dict[str, Any], serv
         f"  held-out items: {candidate.get('count', '-')}, of them corrected labels: "
         f"{candidate.get('corrected_count', '-')}",
         f"gate for v2: {'PASSED' if v2.get('gate_passed') else 'REFUSED'}: {v2.get('gate_reason')}",
-        *(f"skipped: {reason}" for reason in v2.get("skipped") or v1.get("skipped") or []),
+        *(
+            f"skipped: {reason}"
+            for reason in v2.get("skipped") or v1.get("skipped") or []
+            if live_version is None or not reason.startswith("promotion:")
+        ),
+        *([f"live: version {live_version} (unpinned requests, X-Model-Version)"] if live_version else []),
         f"MLflow runs: v1 {v1.get('run_id')}, v2 {v2.get('run_id')}",
         f"MLflow UI: {mlflow_ui_command(settings)}",
         f"serving URL: {serving_url} (page: {serving_url}/, API: {serving_url}/docs)",
