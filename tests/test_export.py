@@ -600,3 +600,29 @@ def _publish_concurrently(path: Path, *, base: str, writers: int, timeout_s: flo
         thread.join(timeout=timeout_s)
     assert not errors
     return results
+
+
+@pytest.mark.parametrize("backend", ["local", "gcs"])
+def test_find_published_run_names_the_version_of_a_run(backend, tmp_path, request):
+    """The lookup that keeps a run from being published twice, on both backends: the version whose
+    tfloop.json names the run; versions without (or with broken) metadata are not a tfloop export's."""
+    import storage
+    from export.publish import find_published_run, publish_version
+
+    root = str(tmp_path) if backend == "local" else request.getfixturevalue("gcs_bucket")
+    base = storage.join(root, "models")
+    for run_id in ("run-a", "run-b"):
+        folder = tmp_path / f"export-{run_id}"
+        folder.mkdir()
+        (folder / "saved_model.pb").write_bytes(b"graph")
+        (folder / "tfloop.json").write_text(json.dumps({"run_id": run_id}))
+        publish_version(folder, base=base, model_name="shapes")
+    storage.write_bytes(storage.join(base, "shapes", "3", "saved_model.pb"), b"foreign, no tfloop.json")
+    storage.write_text(storage.join(base, "shapes", "4", "tfloop.json"), "{broken")
+    storage.write_bytes(storage.join(base, "shapes", "4", "saved_model.pb"), b"graph")
+
+    found = find_published_run(base, "shapes", "run-b")
+    assert found is not None and found.version == 2 and found.uri == storage.join(base, "shapes", "2")
+    assert find_published_run(base, "shapes", "run-a").version == 1
+    assert find_published_run(base, "shapes", "run-c") is None
+    assert find_published_run(base, "other-model", "run-a") is None
