@@ -88,9 +88,9 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
     )
 
     assert result.labels == list(LABELS) and result.phases == ["full"]
-    assert 0.0 <= result.accuracy <= 1.0 and result.eval_report.n == sum(
-        result.data_report.validation_counts.values()
-    )
+    assert 0.0 <= result.accuracy <= 1.0
+    assert result.eval_report.n == sum(result.data_report.test_counts.values())
+    assert result.validation_report.n == sum(result.data_report.validation_counts.values())
     client = MlflowClient(tracking_uri=tracking.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -102,8 +102,9 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
     )
     assert params["batch_size"] == "8" and params["seed"] == "0" and params["phases"] == "full"
     assert params["learning_rate"] == "0.001" and params["augment"] == "True"
-    assert run.data.metrics["val_accuracy"] == pytest.approx(result.accuracy)
-    assert run.data.metrics["val_macro_f1"] == pytest.approx(result.macro_f1)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.accuracy)
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(result.macro_f1)
+    assert run.data.metrics["val_accuracy"] == pytest.approx(result.validation_report.accuracy)
     assert _metric_steps(client, result.run_id, "full_loss") == [0]
     assert _metric_steps(client, result.run_id, "full_val_accuracy") == [0]
     assert run.data.tags["tfloop.model_name"] == "shapes"
@@ -116,7 +117,9 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
         "labels.json",
         "train_config.json",
         "data_report.json",
+        "split.json",
         "eval_report.json",
+        "validation_report.json",
         "confusion_matrix.png",
         "training_curves.png",
     } <= artifacts
@@ -127,6 +130,11 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
     report = json.loads((downloaded / "data_report.json").read_text())
     assert report["skipped_counts"]["corrupt"] == 1 and report["skipped_counts"]["unsupported_extension"] == 1
     assert (downloaded / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+    split = json.loads((downloaded / "split.json").read_text())
+    assert set(split) == {"train", "validation", "test", "quarantined"}
+    assert split["test"] == sorted(r.sha256 for r in result.dataset.side("test"))
+    train_set, validation_set, test_set = (set(split[name]) for name in ("train", "validation", "test"))
+    assert not train_set & validation_set and not train_set & test_set and not validation_set & test_set
     restored = load_model(downloaded / "model" / "model.keras")
     pixels = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
     np.testing.assert_allclose(
@@ -303,7 +311,16 @@ def test_cli_make_demo_and_train_json(weights_file: Path, tmp_path: Path) -> Non
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     payload = json.loads(trained.stdout.strip().splitlines()[-1])
-    assert {"run_id", "model_name", "labels", "accuracy", "macro_f1"} <= payload.keys()
+    assert {
+        "run_id",
+        "model_name",
+        "labels",
+        "accuracy",
+        "macro_f1",
+        "split",
+        "quarantined",
+    } <= payload.keys()
+    assert sum(payload["split"].values()) == payload["images"] == 48 and payload["quarantined"] == 0
     assert payload["model_name"] == "cli-shapes" and len(payload["labels"]) == 6
     assert "Epoch 1/2" in trained.stderr
     assert (home / "mlflow.db").is_file() and (home / "mlartifacts").is_dir()
