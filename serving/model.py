@@ -369,11 +369,20 @@ class ModelManager:
         live = versions.live_version(base, name)
         return live, versions.candidate_version(base, name, live=live)
 
+    def _cache_folder(self, version: int) -> Path:
+        return self.settings.cache_dir.expanduser() / self.settings.model_name / str(version)
+
+    def _drop_local_copy(self, version: int) -> None:
+        """Delete the cached download of an unloaded version (a pod's cache would fill up with every
+        promotion); the loaded graph no longer reads its files, and a rollback downloads it again."""
+        if storage.is_gcs(self.settings.model_base):
+            shutil.rmtree(self._cache_folder(version), ignore_errors=True)
+
     def _local_copy(self, version: int) -> Path:
         source = versions.version_uri(self.settings.model_base, self.settings.model_name, version)
         if not storage.is_gcs(source):
             return storage.local_path(source)
-        target = self.settings.cache_dir.expanduser() / self.settings.model_name / str(version)
+        target = self._cache_folder(version)
         if (target / versions.COMPLETE_MARKER).is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +449,7 @@ class ModelManager:
                 )
             for dropped in view.models.keys() - keep.keys():
                 logger.info("%s: version %d unloaded", live.name, dropped)
+                self._drop_local_copy(dropped)
             return True
 
     def _may_load(self, version: int) -> bool:

@@ -61,6 +61,7 @@ class Cluster:
     backend: str
     base: str
     queue: str
+    scratch: Path
     replicas: list[Replica]
     _turn: Iterator[int] = field(init=False)
 
@@ -156,7 +157,7 @@ def cluster(
     try:
         for replica in replicas:
             wait_ready(replica)
-        yield Cluster(backend, base, queue, replicas)
+        yield Cluster(backend, base, queue, scratch, replicas)
     finally:
         for replica in replicas:
             stop(replica)
@@ -294,6 +295,11 @@ def test_publishing_moves_no_replica_and_promotion_moves_every_one(
         )
         assert httpx.get(f"{replica.url}/readyz").json()["model_version"] == 2
         assert predict(replica, "/labels/candidate").status_code == 404  # nothing above live any more
+    if cluster.backend == "gcs":  # downloads of unloaded versions leave the replicas' caches
+        caches = sorted(cluster.scratch.glob(f"cache-*/{NAME}/*"))
+        assert [(c.parent.parent.name, c.name) for c in caches] == [
+            (f"cache-{i}", "2") for i in range(len(cluster.replicas))
+        ]
 
     # A correction of version 1's prediction, on a replica that no longer has version 1 loaded.
     data = image_bytes(500)
