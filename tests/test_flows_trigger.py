@@ -1,5 +1,6 @@
 """flows.yaml on a real Prefect server (event and automation services on, one server for the module) with a
-process worker: a second run of a deployment while the first is running waits for it (ENQUEUE), and the
+process worker: a second run of a deployment while the first is running waits for it (ENQUEUE), a run of
+another deployment of the same model waits for the model's global concurrency limit, and the
 feedback trigger starts exactly one ``retrain-from-feedback`` run once the corrections of two clients (a
 real serving process over HTTP and a second sender of the same events) cross the threshold.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import os
 import signal
 import subprocess
@@ -158,39 +160,55 @@ def _cancel_unfinished(api_url: str) -> None:
             )
 
 
-def test_a_second_run_of_a_deployment_waits_for_the_first(
-    tfloop_home: Path, prefect_server: Any, tmp_path: Path
-) -> None:
+def _slot_interval(client: Any, run: Any) -> tuple[Any, Any]:
+    """When a run held the model's loop slot: from its first task's start (tasks start only once the slot
+    is held) to the run's end."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    starts = [task_run.start_time for task_run in task_runs if task_run.start_time is not None]
+    assert starts, f"run {run.name} ran no task"
+    return min(starts), run.end_time
+
+
+def test_runs_of_a_model_never_overlap(tfloop_home: Path, prefect_server: Any, tmp_path: Path) -> None:
+    """Two runs of one deployment and one of another, all due at once: the second run of the deployment is
+    enqueued (ENQUEUE), and the other deployment's run waits for the model's global concurrency limit.
+
+    Each run is given a dataset that does not exist, so it holds the slot while its first task retries
+    (about 15 s) and then fails: long enough for the runs to collide, without any training."""
     from pipeline.loop import loop_limit_name
     from pipeline.prefect_server import DeployOptions, deploy_flows
-    from training.demo_data import make_demo_dataset
 
     api_url = prefect_server.api_url
-    data = tfloop_home / "data" / "demo"
-    make_demo_dataset(str(data), per_class=2, image_size=32, labels=LABELS)
     deploy_flows(
         flows_file=ROOT / "flows.yaml",
         project_dir=ROOT,
         api_url=api_url,
         home=prefect_server.home,
-        options=DeployOptions(names=("feedback-retrain",), feedback_threshold=10_000),
+        options=DeployOptions(names=("feedback-retrain", "train-and-deploy"), feedback_threshold=10_000),
         model_name="tfloop-classifier",
     )
+    missing = {"data_uri": str(tmp_path / "no-dataset")}
     with _client(api_url) as client:
-        deployment = client.read_deployment_by_name("retrain-from-feedback/feedback-retrain")
-        assert (
-            deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
-        )
-        assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
-        # Both runs are due before the worker's first poll: they collide for certain.
+        feedback = client.read_deployment_by_name("retrain-from-feedback/feedback-retrain")
+        manual = client.read_deployment_by_name("train-and-deploy/train-and-deploy")
+        for deployment in (feedback, manual):
+            assert deployment.global_concurrency_limit is not None
+            assert deployment.global_concurrency_limit.limit == 1
+            assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
+        # All runs are due before the worker's first poll: they collide for certain.
         created = [
-            client.create_flow_run_from_deployment(deployment.id, parameters={"reason": f"collision {index}"})
+            client.create_flow_run_from_deployment(
+                feedback.id, parameters={**missing, "reason": f"run {index}"}
+            )
             for index in range(2)
         ]
+        created.append(client.create_flow_run_from_deployment(manual.id, parameters=missing))
     worker_log = tmp_path / "worker.log"
     worker = _start(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tfloop-local", "--type", "process"],
-        env=_worker_env(prefect_server, tfloop_home, str(data)),
+        env=_worker_env(prefect_server, tfloop_home, str(tmp_path / "no-dataset")),
         log=worker_log,
     )
     try:
@@ -201,19 +219,29 @@ def test_a_second_run_of_a_deployment_waits_for_the_first(
             return runs if all(run.state and run.state.is_final() for run in runs) else None
 
         runs = _wait_until(
-            finished, timeout=300, what="both runs to finish", logs=[worker_log, prefect_server.log_path]
+            finished, timeout=400, what="the three runs to finish", logs=[worker_log, prefect_server.log_path]
         )
         with _client(api_url) as client:
             histories = [[state.name for state in client.read_flow_run_states(run.id)] for run in runs]
+            slots = [_slot_interval(client, run) for run in runs]
             limit = client.read_global_concurrency_limit_by_name(loop_limit_name("tfloop-classifier"))
     finally:
         _stop(worker)
-    assert all(run.state.is_completed() for run in runs), [(run.name, run.state) for run in runs]
-    waited = [history for history in histories if "AwaitingConcurrencySlot" in history]
-    assert len(waited) == 1, histories  # exactly one run collided and waited ...
-    first, second = sorted(runs, key=lambda run: run.start_time)
-    assert first.end_time <= second.start_time  # ... and ran only after the other had ended
-    assert limit.limit == 1 and limit.active_slots == 0  # the model's loop slot, released by both
+    for run in runs:
+        assert run.state.is_failed() and "base dataset" in (run.state.message or ""), (run.name, run.state)
+    # The deployment's own limit: exactly one of its two runs was enqueued, the other deployment's never.
+    assert ["AwaitingConcurrencySlot" in history for history in histories].count(True) == 1, histories
+    assert "AwaitingConcurrencySlot" not in histories[2], histories[2]
+    # The model's limit: the manual run was running while a feedback run was ...
+    manual_run = runs[2]
+    assert any(
+        run.start_time < manual_run.end_time and manual_run.start_time < run.end_time for run in runs[:2]
+    ), [(run.start_time, run.end_time) for run in runs]
+    # ... but no two runs held the slot at the same time.
+    ordered = sorted(slots)
+    for (_, end), (start, _) in itertools.pairwise(ordered):
+        assert end <= start, ordered
+    assert limit.limit == 1 and limit.active_slots == 0  # released by every run, failed ones too
 
 
 async def _emit_as_second_client(api_url: str, *, label: str) -> bool:
