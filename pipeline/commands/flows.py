@@ -176,7 +176,12 @@ def run(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the run to finish.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 3600.0,
     local: Annotated[
-        bool, typer.Option("--local", help="Run the flow in this process (no server or worker needed).")
+        bool,
+        typer.Option(
+            "--local",
+            help="Run the flow in this process (no server or worker needed; one run per model at a time on "
+            "this machine, by a file lock in the Prefect home).",
+        ),
     ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON line on stdout at the end.")
