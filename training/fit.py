@@ -14,7 +14,12 @@ end, for the record and the promotion gate, and never selects anything), and che
 optimizer state and history every epoch in ``checkpoint_dir``: a crashed run started again with the same
 config and data resumes where it stopped (same MLflow run). ``split.json`` records which images (sha256)
 were in which split.
-On a GPU, mixed precision and XLA are used; with several GPUs, ``MirroredStrategy``.
+Devices (:mod:`training.accel`): ``precision`` (a Keras mixed precision policy; on GPUs by default),
+``jit_compile`` (XLA; on GPUs by default) and ``distribute`` (one device, ``MirroredStrategy`` over the
+GPUs of one machine, or ``MultiWorkerMirroredStrategy`` over the workers in ``TF_CONFIG``). With several
+workers only the chief logs to MLflow and writes checkpoints to ``checkpoint_dir`` (a folder the workers
+share, so a restarted worker resumes from the chief's last epoch); the others write to a temporary folder.
+Every phase logs its training throughput (``<phase>_images_per_sec``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage import TfloopError
+from training.accel import DeviceSetup, Distribute, JitCompile, Precision, choose_devices, shard_by_data
 from training.data import AugmentConfig, DataReport, FileRecord, ScannedDataset, report_json, scan_dataset
+from training.distribute import WorkerTracker
 from training.evaluate import EvalReport
 from training.tracking import FINGERPRINT_TAG, MODEL_NAME_TAG, RunTracker, TrackingSettings
 
@@ -43,9 +50,13 @@ if TYPE_CHECKING:
     import numpy as np
     import tensorflow as tf
 
+    from training.models import ResolvedWeights
+
 STATE_FILE = "state.json"
 DATA_CACHE = "data-cache"
 SPLIT_ARTIFACT = "split.json"
+WEIGHTS_SHA256 = "weights_sha256"
+WEIGHTS_SHA256_TAG = "tfloop.weights_sha256"
 
 
 class TrainingError(TfloopError):
@@ -90,7 +101,16 @@ class TrainingParameters(BaseModel):
     seed: int = 0
     patience: int = Field(default=8, ge=1)
     cache_features: bool = True
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    precision: Precision = Field(
+        default="auto", description="float32, mixed_float16, mixed_bfloat16; auto: mixed on capable GPUs."
+    )
+    jit_compile: JitCompile = Field(
+        default="auto", description="XLA: on, off; auto: on for GPUs, off for CPUs."
+    )
+    distribute: Distribute = Field(
+        default="auto",
+        description="none, mirrored (GPUs of one machine), multi-worker (TF_CONFIG); auto picks by devices.",
+    )
 
     @model_validator(mode="after")
     def _room_to_train(self) -> TrainingParameters:
@@ -173,6 +193,11 @@ class TrainResult:
     resumed: bool
     seconds: float
     device: str = "cpu"
+    precision: str = "float32"
+    jit_compile: bool = False
+    distribution: str = "none"
+    workers: int = 1
+    chief: bool = True
 
     @property
     def dataset_fingerprint(self) -> str:
@@ -202,6 +227,11 @@ class TrainResult:
             "resumed": self.resumed,
             "seconds": round(self.seconds, 1),
             "device": self.device,
+            "precision": self.precision,
+            "jit_compile": self.jit_compile,
+            "distribution": self.distribution,
+            "workers": self.workers,
+            "chief": self.chief,
         }
 
 
@@ -328,26 +358,6 @@ def _phase_callback(
 # devices
 
 
-@dataclass
-class DeviceSetup:
-    """Distribution strategy and precision chosen for the visible devices."""
-
-    strategy: tf.distribute.Strategy
-    mixed_precision: bool
-    description: str
-
-
-def choose_devices(mixed_precision: Literal["auto", "on", "off"]) -> DeviceSetup:
-    """MirroredStrategy over several GPUs, the default strategy otherwise; mixed precision on GPUs."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    mixed = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
-    description = f"{len(gpus)} GPU(s)" if gpus else "cpu"
-    return DeviceSetup(strategy=strategy, mixed_precision=mixed, description=description)
-
-
 @contextlib.contextmanager
 def _dtype_policy(name: str) -> Iterator[None]:
     import keras
@@ -371,9 +381,13 @@ def compute_features(
     *,
     image_size: int,
     batch_size: int,
+    local: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features of ``records`` (one forward pass of ``extractor``, from
-    :func:`training.models.feature_extractor`; reuse it to trace once) and their label indices."""
+    :func:`training.models.feature_extractor`; reuse it to trace once) and their label indices.
+
+    ``local``: every worker computes all features itself, in order (under a multi-worker strategy
+    ``predict`` would gather the workers' shards)."""
     import numpy as np
 
     from training.data import make_image_dataset
@@ -385,7 +399,15 @@ def compute_features(
     def images_only(images: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
         return images
 
-    features = np.asarray(extractor.predict(dataset.map(images_only), verbose=0), dtype=np.float32)
+    if local:
+        import tensorflow as tf
+
+        forward = tf.function(lambda images: extractor(images, training=False))
+        parts = [np.asarray(forward(images)) for images in dataset.map(images_only)]
+        width = int(extractor.output.shape[-1])
+        features = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, width), np.float32)
+    else:
+        features = np.asarray(extractor.predict(dataset.map(images_only), verbose=0), dtype=np.float32)
     index = {label: i for i, label in enumerate(labels)}
     targets = np.asarray([index[r.label] for r in records], dtype=np.int32)
     return features, targets
@@ -413,25 +435,56 @@ def run_key(config: TrainConfig, fingerprint: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _params(config: TrainConfig, phases: Sequence[Phase], devices: DeviceSetup) -> dict[str, Any]:
+def _params(
+    config: TrainConfig, phases: Sequence[Phase], devices: DeviceSetup, weights: ResolvedWeights
+) -> dict[str, Any]:
     params = config.model_dump(mode="json")
     params["data"] = ",".join(config.data)
     params["phases"] = ",".join(p.name for p in phases)
     params["cached_features"] = any(p.cached_features for p in phases)
-    params["device"] = devices.description
-    params["mixed_precision_used"] = devices.mixed_precision
+    params.update(devices.params())
+    if weights.sha256:
+        params[WEIGHTS_SHA256] = weights.sha256
     return params
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+def compile_model(model: keras.Model, learning_rate: float, *, jit_compile: bool) -> None:
+    """Adam on sparse cross-entropy. Under ``mixed_float16`` Keras wraps the optimizer in a
+    ``LossScaleOptimizer`` itself (dynamic loss scaling); bfloat16 needs none."""
     import keras
 
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile="auto",
+        jit_compile=jit_compile,
     )
+
+
+def _throughput_callback(
+    tracker: RunTracker | WorkerTracker, *, prefix: str, images: int, step_offset: int
+) -> keras.callbacks.Callback:
+    """Logs ``<prefix>_images_per_sec`` each epoch: training images over the training part of the epoch
+    (validation excluded). The first epoch includes tracing and compilation."""
+    import keras
+
+    class Throughput(keras.callbacks.Callback):
+        started = 0.0
+        trained = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.started, self.trained = time.perf_counter(), 0.0
+
+        def on_test_begin(self, logs: dict[str, float] | None = None) -> None:
+            if not self.trained:
+                self.trained = time.perf_counter() - self.started
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            seconds = self.trained or time.perf_counter() - self.started
+            if seconds > 0:
+                tracker.log_metrics({f"{prefix}_images_per_sec": images / seconds}, step=step_offset + epoch)
+
+    return Throughput()
 
 
 def _run_phase(
@@ -442,11 +495,12 @@ def _run_phase(
     config: TrainConfig,
     state: CheckpointState,
     checkpoint_dir: Path,
-    tracker: RunTracker,
+    tracker: RunTracker | WorkerTracker,
     step_offset: int,
     images: tuple[tf.data.Dataset, tf.data.Dataset],
     callbacks: Sequence[keras.callbacks.Callback],
     verbose: int | str,
+    devices: DeviceSetup,
 ) -> None:
     from training.models import feature_extractor, head_model, set_trainable
 
@@ -463,6 +517,7 @@ def _run_phase(
             dataset.labels,
             image_size=config.image_size,
             batch_size=config.batch_size,
+            local=devices.distribution == "multi-worker",
         )
         val_features, val_targets = compute_features(
             extractor,
@@ -470,6 +525,7 @@ def _run_phase(
             dataset.labels,
             image_size=config.image_size,
             batch_size=config.batch_size,
+            local=devices.distribution == "multi-worker",
         )
         train_data = feature_dataset(
             train_features, train_targets, batch_size=config.batch_size, training=True, seed=config.seed
@@ -477,10 +533,11 @@ def _run_phase(
         val_data = feature_dataset(
             val_features, val_targets, batch_size=config.batch_size, training=False, seed=0
         )
+        train_data, val_data = shard_by_data(train_data, devices), shard_by_data(val_data, devices)
     else:
         fit_model = model
         train_data, val_data = images
-    _compile(fit_model, phase.learning_rate)
+    compile_model(fit_model, phase.learning_rate, jit_compile=devices.jit_compile)
     initial_epoch = int(progress["epoch"])
     if initial_epoch and (phase_dir / "last.weights.h5").is_file():
         fit_model.optimizer.build(fit_model.trainable_variables)
@@ -500,6 +557,9 @@ def _run_phase(
             callbacks=[
                 _phase_callback(state, phase, phase_dir, config.patience),
                 tracker.epoch_callback(prefix=phase.name, step_offset=step_offset),
+                _throughput_callback(
+                    tracker, prefix=phase.name, images=len(dataset.side("train")), step_offset=step_offset
+                ),
                 *callbacks,
             ],
         )
@@ -525,6 +585,19 @@ def _combined_history(
         for key, values in progress["history"].items():
             history.setdefault(key, []).extend(values)
     return history, starts
+
+
+def _worker_checkpoint_dir(checkpoint_dir: Path, devices: DeviceSetup) -> Path:
+    """The chief checkpoints in ``checkpoint_dir``. Another worker works in a temporary copy of the chief's
+    progress there (so all workers resume from the same epoch) and never writes to it."""
+    if devices.role.is_chief:
+        return checkpoint_dir
+    private = Path(tempfile.mkdtemp(prefix=f"tfloop-worker{devices.role.index}-"))
+    if checkpoint_dir.is_dir():
+        shutil.copytree(
+            checkpoint_dir, private, dirs_exist_ok=True, ignore=shutil.ignore_patterns(DATA_CACHE, "*.tmp*")
+        )
+    return private
 
 
 def _float32_copy(model: keras.Model, config: TrainConfig, num_classes: int) -> keras.Model:
@@ -567,7 +640,13 @@ def train(
         tracking = TrackingSettings(
             tracking_uri=tracking_uri, experiment=experiment, artifact_root=artifact_root
         )
-    checkpoint_dir = Path(checkpoint_dir)
+    devices = choose_devices(
+        precision=config.precision,
+        jit_compile=config.jit_compile,
+        distribute=config.distribute,
+        tf_config=os.environ.get("TF_CONFIG"),
+    )
+    checkpoint_dir = _worker_checkpoint_dir(Path(checkpoint_dir), devices)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     dataset = scan_dataset(
         config.data,
@@ -589,24 +668,32 @@ def train(
 
     from training.data import make_image_dataset
     from training.evaluate import evaluate_model
-    from training.models import build_model, save_model
+    from training.models import build_model, resolve_weights, save_model
     from training.plots import confusion_matrix_figure, training_curves_figure
 
     phases = plan_phases(config)
-    devices = choose_devices(config.mixed_precision)
+    weights_files = contextlib.ExitStack()
+    weights = weights_files.enter_context(
+        resolve_weights(config.backbone, config.weights, image_size=config.image_size)
+    )
     state = CheckpointState.load_or_new(checkpoint_dir, run_key(config, dataset.fingerprint))
     resumed = state.run_id is not None
-    tracker = RunTracker(tracking, run_id=state.run_id, run_name=f"{config.model_name}-{config.backbone}")
+    tracker: RunTracker | WorkerTracker = (
+        RunTracker(tracking, run_id=state.run_id, run_name=f"{config.model_name}-{config.backbone}")
+        if devices.role.is_chief
+        else WorkerTracker()
+    )
     state.run_id = tracker.run_id
     state.save()
     try:
         if not resumed:
-            tracker.log_params(_params(config, phases, devices))
+            tracker.log_params(_params(config, phases, devices, weights))
         tracker.set_tags(
             {
                 MODEL_NAME_TAG: config.model_name,
                 FINGERPRINT_TAG: dataset.fingerprint,
                 "tfloop.backbone": config.backbone,
+                **({WEIGHTS_SHA256_TAG: weights.sha256} if weights.sha256 else {}),
             }
         )
         tracker.log_dict(json.loads(report_json(dataset.report)), "data_report.json")
@@ -616,33 +703,37 @@ def train(
 
         keras.utils.set_random_seed(config.seed)
         with (
-            _dtype_policy("mixed_float16" if devices.mixed_precision else "float32"),
+            _dtype_policy(devices.precision),
             devices.strategy.scope(),
         ):
             model = build_model(
                 config.backbone,
                 len(labels),
                 image_size=config.image_size,
-                weights=config.weights,
+                weights=weights,
                 dropout=config.dropout,
             )
-            images = (
-                make_image_dataset(
-                    dataset.side("train"),
-                    labels,
-                    image_size=config.image_size,
-                    batch_size=config.batch_size,
-                    training=True,
-                    augment=config.augmentation,
-                    seed=config.seed,
-                ),
-                make_image_dataset(
-                    dataset.side("validation"),
-                    labels,
-                    image_size=config.image_size,
-                    batch_size=config.batch_size,
-                    training=False,
-                ),
+            weights_files.close()
+            images = tuple(
+                shard_by_data(split, devices)
+                for split in (
+                    make_image_dataset(
+                        dataset.side("train"),
+                        labels,
+                        image_size=config.image_size,
+                        batch_size=config.batch_size,
+                        training=True,
+                        augment=config.augmentation,
+                        seed=config.seed,
+                    ),
+                    make_image_dataset(
+                        dataset.side("validation"),
+                        labels,
+                        image_size=config.image_size,
+                        batch_size=config.batch_size,
+                        training=False,
+                    ),
+                )
             )
             step_offset = 0
             for phase in phases:
@@ -662,9 +753,12 @@ def train(
                         images=images,
                         callbacks=callbacks,
                         verbose=verbose,
+                        devices=devices,
                     )
                 step_offset += phase.epochs
-        if devices.mixed_precision:
+        if devices.mixed_precision or devices.distribution != "none":
+            # Export and evaluation get a plain float32 model outside any strategy: the same contract as a
+            # single-device run.
             model = _float32_copy(model, config, len(labels))
 
         validation_report, report = (
@@ -699,10 +793,13 @@ def train(
             tracker.log_file(save_model(model, Path(workdir) / "model.keras"), artifact_path="model")
         tracker.finish("FINISHED")
     except BaseException as error:
+        weights_files.close()
         with contextlib.suppress(Exception):
             tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     clear_checkpoints(checkpoint_dir)
+    if not devices.role.is_chief:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainResult(
         run_id=tracker.run_id,
         model_name=config.model_name,
@@ -719,4 +816,9 @@ def train(
         resumed=resumed,
         seconds=time.monotonic() - started,
         device=devices.description,
+        precision=devices.precision,
+        jit_compile=devices.jit_compile,
+        distribution=devices.distribution,
+        workers=devices.role.workers,
+        chief=devices.role.is_chief,
     )

@@ -10,7 +10,10 @@ TensorFlow): command-line code imports it inside the command.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +43,57 @@ class BackboneSpec:
     preprocessing: str
     default_image_size: int
     min_image_size: int
+    imagenet_url: str
+    """Where Keras downloads the ImageNet weights without the top; ``{rows}`` is the input size bucket."""
+
+    def imagenet_file_name(self, image_size: int) -> str:
+        """The file name Keras looks for in its cache folder (:func:`keras_models_cache`)."""
+        return self.imagenet_url.rsplit("/", 1)[-1].format(rows=_mobilenet_rows(image_size))
 
 
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications"
 BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": BackboneSpec("vgg16", "VGG16", "caffe", 224, 32),
-    "inception_v3": BackboneSpec("inception_v3", "InceptionV3", "tf", 299, 75),
-    "efficientnet_b0": BackboneSpec("efficientnet_b0", "EfficientNetB0", "none", 224, 32),
-    "mobilenet_v2": BackboneSpec("mobilenet_v2", "MobileNetV2", "tf", 224, 32),
+    "vgg16": BackboneSpec(
+        "vgg16",
+        "VGG16",
+        "caffe",
+        224,
+        32,
+        f"{_KERAS_APPS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "inception_v3": BackboneSpec(
+        "inception_v3",
+        "InceptionV3",
+        "tf",
+        299,
+        75,
+        f"{_KERAS_APPS}/inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "efficientnet_b0": BackboneSpec(
+        "efficientnet_b0",
+        "EfficientNetB0",
+        "none",
+        224,
+        32,
+        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+    ),
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2",
+        "MobileNetV2",
+        "tf",
+        224,
+        32,
+        f"{_KERAS_APPS}/mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{{rows}}_no_top.h5",
+    ),
 }
+_MOBILENET_ROWS = (96, 128, 160, 192, 224)
+
+
+def _mobilenet_rows(image_size: int) -> int:
+    # MobileNetV2 ships ImageNet weights for five input sizes and falls back to 224 for any other size.
+    return image_size if image_size in _MOBILENET_ROWS else 224
+
+
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
@@ -87,46 +133,129 @@ class BackbonePreprocessing(keras.layers.Layer):
 CUSTOM_OBJECTS: dict[str, type[keras.layers.Layer]] = {"tfloop>BackbonePreprocessing": BackbonePreprocessing}
 
 
-def _local_weights_file(weights: str, workdir: Path) -> Path:
-    if storage.is_gcs(weights):
-        target = workdir / Path(weights).name
-        target.write_bytes(storage.read_bytes(weights))
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """The weights a model starts from: what was asked (``imagenet``, ``none``, a path or ``gs://`` URI),
+    the local file that is loaded (``None`` for ``none``) and that file's sha256."""
+
+    requested: str
+    path: Path | None
+    sha256: str | None
+
+    @property
+    def imagenet(self) -> bool:
+        return self.requested == "imagenet"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def keras_models_cache() -> Path:
+    """Keras' cache folder for application weights (``$KERAS_HOME/models``, default ``~/.keras/models``)."""
+    from keras.src.backend.config import keras_home
+
+    return Path(keras_home()).expanduser() / "models"
+
+
+def imagenet_weights_file(
+    backbone: str, *, image_size: int, cache_dir: Path | None = None, download: bool = True
+) -> Path:
+    """The ImageNet weights file of ``backbone`` (without top) in Keras' cache, downloaded when missing.
+
+    Offline (or with ``download=False``) and not cached, one :class:`ModelError` says where to put the
+    file or how to pass one instead.
+    """
+    spec = backbone_spec(backbone)
+    folder = cache_dir or keras_models_cache()
+    name = spec.imagenet_file_name(image_size)
+    target = folder / name
+    if target.is_file():
         return target
-    path = storage.local_path(weights)
-    if not path.is_file():
-        raise ModelError(f"weights file {weights} does not exist; pass imagenet, none, or a .weights.h5 file")
-    return path
+    problem = "downloads are off"
+    if download:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return Path(
+                keras.utils.get_file(
+                    name,
+                    spec.imagenet_url.format(rows=_mobilenet_rows(image_size)),
+                    cache_dir=str(folder.parent),
+                    cache_subdir=folder.name,
+                )
+            )
+        # Keras raises a plain Exception for any failed download (no network, proxy, HTTP error).
+        except Exception as error:  # noqa: BLE001
+            problem = f"the download failed ({str(error).strip() or type(error).__name__})"
+    raise ModelError(
+        f"imagenet weights for {backbone} are not in Keras' cache and {problem}. Put the file "
+        f"{name} (from {spec.imagenet_url.format(rows=_mobilenet_rows(image_size))}) at {target}, "
+        "or pass a local or gs:// weights file with --weights PATH"
+    )
 
 
-def _build_backbone(spec: BackboneSpec, *, image_size: int, weights: str) -> keras.Model:
+@contextlib.contextmanager
+def resolve_weights(
+    backbone: str, weights: str, *, image_size: int, cache_dir: Path | None = None
+) -> Iterator[ResolvedWeights]:
+    """The local file behind ``weights`` (a ``gs://`` file is downloaded to a temporary folder that lives
+    as long as the context) with its sha256; ``none`` resolves to no file."""
+    if weights == "none":
+        yield ResolvedWeights(weights, None, None)
+        return
+    if weights == "imagenet":
+        path = imagenet_weights_file(backbone, image_size=image_size, cache_dir=cache_dir)
+        yield ResolvedWeights(weights, path, file_sha256(path))
+        return
+    if not weights.endswith(".weights.h5"):
+        raise ModelError(
+            f"weights file {weights} must be a Keras `.weights.h5` file of the {backbone} backbone "
+            "(save one with backbone.save_weights(...)), or pass imagenet or none"
+        )
+    with tempfile.TemporaryDirectory(prefix="tfloop-weights-") as workdir:
+        if storage.is_gcs(weights):
+            path = Path(workdir) / Path(weights).name
+            try:
+                path.write_bytes(storage.read_bytes(weights))
+            except FileNotFoundError:
+                raise ModelError(f"weights file {weights} does not exist") from None
+        else:
+            path = storage.local_path(weights)
+            if not path.is_file():
+                raise ModelError(
+                    f"weights file {weights} does not exist; pass imagenet, none, or a .weights.h5 file"
+                )
+        yield ResolvedWeights(weights, path, file_sha256(path))
 
+
+def _build_backbone(spec: BackboneSpec, *, image_size: int, weights: ResolvedWeights) -> keras.Model:
     constructor = getattr(keras.applications, spec.application)
-    keras_weights = "imagenet" if weights == "imagenet" else None
+    keras_weights = str(weights.path) if weights.imagenet and weights.path is not None else None
     try:
         backbone = constructor(
             include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3)
         )
     except (OSError, ValueError) as error:
         hint = (
-            " (imagenet weights are downloaded by Keras: check the network, or pass a weights file)"
+            f" (imagenet weights from {weights.path}: delete the file to fetch it again)"
             if keras_weights
             else ""
         )
         raise ModelError(f"cannot build {spec.name} at {image_size}px: {error}{hint}") from error
     backbone.name = BACKBONE_LAYER
-    if weights not in {"imagenet", "none"}:
-        if not weights.endswith(".weights.h5"):
+    if weights.path is not None and not weights.imagenet:
+        try:
+            backbone.load_weights(weights.path)
+        except (OSError, ValueError) as error:
             raise ModelError(
-                f"weights file {weights} must be a Keras `.weights.h5` file of the {spec.name} backbone"
-            )
-        with tempfile.TemporaryDirectory(prefix="tfloop-weights-") as workdir:
-            try:
-                backbone.load_weights(_local_weights_file(weights, Path(workdir)))
-            except (OSError, ValueError) as error:
-                raise ModelError(
-                    f"cannot load weights {weights} into {spec.name} at {image_size}px: {error}. The file "
-                    "must hold this backbone's weights without its top (include_top=False)"
-                ) from error
+                f"cannot load weights {weights.requested} into {spec.name} at {image_size}px: {error}. The "
+                "file must hold this backbone's weights without its top (include_top=False)"
+            ) from error
     return backbone
 
 
@@ -135,22 +264,27 @@ def build_model(
     num_classes: int,
     *,
     image_size: int,
-    weights: str = "none",
+    weights: str | ResolvedWeights = "none",
     dropout: float = 0.2,
 ) -> keras.Model:
     """A classifier: float32 ``(None, S, S, 3)`` pixels in [0, 255] -> softmax ``(None, num_classes)``.
 
-    ``weights`` is ``imagenet`` (Keras downloads them), ``none`` (random init; BatchNorm momentum is
-    lowered so moving statistics keep up on small data), or a local/``gs://`` ``.weights.h5`` file of the
-    backbone without its top.
+    ``weights`` is ``imagenet`` (Keras' cached file, downloaded when missing), ``none`` (random init;
+    BatchNorm momentum is lowered so moving statistics keep up on small data), a local/``gs://``
+    ``.weights.h5`` file of the backbone without its top, or weights already resolved by
+    :func:`resolve_weights`. Under a mixed precision policy the softmax output stays float32.
     """
     spec = backbone_spec(backbone)
     if num_classes < 2:
         raise ModelError(f"a classifier needs at least two classes, got {num_classes}")
     if image_size < spec.min_image_size:
         raise ModelError(f"{backbone} needs --image-size >= {spec.min_image_size}, got {image_size}")
-    base = _build_backbone(spec, image_size=image_size, weights=weights)
-    if weights == "none":
+    if isinstance(weights, ResolvedWeights):
+        base = _build_backbone(spec, image_size=image_size, weights=weights)
+    else:
+        with resolve_weights(backbone, weights, image_size=image_size) as resolved:
+            base = _build_backbone(spec, image_size=image_size, weights=resolved)
+    if (weights.requested if isinstance(weights, ResolvedWeights) else weights) == "none":
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = FROM_SCRATCH_BN_MOMENTUM

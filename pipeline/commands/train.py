@@ -33,7 +33,8 @@ def train_command(
     weights: Annotated[
         str,
         typer.Option(
-            help="imagenet (downloaded by Keras), none (random init), or a .weights.h5 path/gs:// URI."
+            help="imagenet (Keras' cached file in ~/.keras/models, downloaded when missing), none (random "
+            "init), or a .weights.h5 path/gs:// URI of the backbone without its top."
         ),
     ] = "none",
     image_size: Annotated[int, typer.Option(help="Square input size in pixels.", min=32)] = 64,
@@ -73,6 +74,24 @@ def train_command(
     patience: Annotated[
         int, typer.Option(help="Early stopping: epochs without a better validation accuracy.", min=1)
     ] = 8,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="float32, mixed_float16 or mixed_bfloat16 (Keras mixed precision; the output stays "
+            "float32). auto: bfloat16 on GPUs of compute capability >= 8.0, float16 on >= 7.0, else float32."
+        ),
+    ] = "auto",
+    jit_compile: Annotated[
+        str, typer.Option(help="XLA compilation of the train step: on, off; auto: on for GPUs, off for CPUs.")
+    ] = "auto",
+    distribute: Annotated[
+        str,
+        typer.Option(
+            help="none, mirrored (MirroredStrategy over this machine's GPUs), multi-worker "
+            "(MultiWorkerMirroredStrategy over the workers in TF_CONFIG); auto: multi-worker when TF_CONFIG "
+            "names several workers, mirrored with several GPUs, else none."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (initialisation, shuffling, augmentation).")] = 0,
     model_name: Annotated[
         str | None, typer.Option(help="Model name (MLflow tag, export folder). Default: TFLOOP_MODEL_NAME.")
@@ -125,6 +144,9 @@ def train_command(
             patience=patience,
             seed=seed,
             model_name=name,
+            precision=precision,
+            jit_compile=jit_compile,
+            distribute=distribute,
         )
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
@@ -145,7 +167,9 @@ def train_command(
     payload: dict[str, Any] = result.summary()
     payload["tracking_uri"] = settings.tracking_uri
     payload["experiment"] = settings.experiment
-    if export_to:
+    if export_to and not result.chief:
+        info("not the chief worker: the chief logs the run and exports the model")
+    elif export_to:
         from export.api import export_run
 
         info(f"exporting run {result.run_id} below {export_to}")
