@@ -23,6 +23,11 @@ The intervals come from a paired bootstrap with a fixed seed (``seed``, ``bootst
 answers always give the same decision. For accuracy the bootstrap is exact and cheap: resampling items
 only changes how many discordant pairs of each kind are drawn (a multinomial draw).
 
+Sizing: with ``n`` items of which a share ``d`` are discordant (one model right, the other wrong), the
+interval's half-width is about ``1.96 * sqrt(d / n)``; two equally good models pass a margin ``m`` only when
+``n > 3.84 * d / m**2`` (d = 0.2, m = 0.15: about 35 items; m = 0.05: about 300). The default minimum
+counts and margins follow from that; a small test split cannot certify a candidate and the gate refuses.
+
 Corrected items where champion and candidate both predict another label with probability at least
 ``flag_confidence`` are flagged (a possible mislabel or poisoning) in the decision.
 """
@@ -100,17 +105,17 @@ class GatePolicy(BaseModel):
         default=0.15, ge=0, le=1, description="Margin on each class's accuracy (recall)."
     )
     max_corrected_accuracy_drop: float = Field(
-        default=0.10, ge=0, le=1, description="Margin on the corrected-label slice."
+        default=0.15, ge=0, le=1, description="Margin on the corrected-label slice."
     )
     max_reference_accuracy_drop: float = Field(
         default=0.05, ge=0, le=1, description="Margin against the first blessed model's recorded scores."
     )
     min_accuracy: float = Field(default=0.5, ge=0, le=1, description="Absolute accuracy floor.")
     min_macro_f1: float = Field(default=0.0, ge=0, le=1, description="Absolute macro F1 floor.")
-    min_class_items: int = Field(default=20, ge=1, description="Test items a class needs to decide.")
-    min_corrected_items: int = Field(default=20, ge=1, description="Test items the corrected slice needs.")
+    min_class_items: int = Field(default=50, ge=1, description="Test items a class needs to decide.")
+    min_corrected_items: int = Field(default=50, ge=1, description="Test items the corrected slice needs.")
     min_reference_items: int = Field(
-        default=20, ge=1, description="Shared test items the reference comparison needs."
+        default=50, ge=1, description="Shared test items the reference comparison needs."
     )
     confidence: float = Field(default=0.95, ge=0.5, lt=1, description="Level of the two-sided intervals.")
     bootstrap_samples: int = Field(default=2000, ge=100, description="Bootstrap replicates per interval.")
