@@ -185,6 +185,10 @@ def bench_backbone(workload: Workload, args: argparse.Namespace, devices: Any) -
         tuned = build_model(workload.backbone, classes, image_size=size, weights="none")
         set_trainable(tuned, phase="fine_tune", unfreeze=unfreeze)
         compile_model(tuned, 1e-4, jit_compile=devices.jit_compile)
+        # The same fine-tune model with XLA the other way: auto's choice is measured, not assumed.
+        flipped = build_model(workload.backbone, classes, image_size=size, weights="none")
+        set_trainable(flipped, phase="fine_tune", unfreeze=unfreeze)
+        compile_model(flipped, 1e-4, jit_compile=not devices.jit_compile)
     plain_frozen = _plain_model(workload, image_size=size, classes=classes, trainable_top=0)
     plain_tuned = _plain_model(workload, image_size=size, classes=classes, trainable_top=unfreeze)
 
@@ -201,13 +205,14 @@ def bench_backbone(workload: Workload, args: argparse.Namespace, devices: Any) -
         ("frozen", "plain"): lambda: plain_frozen.fit(data, epochs=args.head_epochs, verbose=0),
         ("fine_tune", "tfloop"): lambda: tuned.fit(data, epochs=1, verbose=0),
         ("fine_tune", "plain"): lambda: plain_tuned.fit(data, epochs=1, verbose=0),
+        ("fine_tune", "xla_flipped"): lambda: flipped.fit(data, epochs=1, verbose=0),
     }
     print(f"{workload.backbone}@{size}: compiling ({steps} steps of {args.batch_size})", file=sys.stderr)
     for run in runs.values():
         run()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     for round_index in range(args.rounds):
-        order = list(runs) if round_index % 2 == 0 else [*list(runs)[2:], *list(runs)[:2]]
+        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
         for key in order:
             times[key].append(_seconds(runs[key]))
         print(f"  round {round_index + 1}/{args.rounds}", file=sys.stderr)
@@ -222,7 +227,7 @@ def bench_backbone(workload: Workload, args: argparse.Namespace, devices: Any) -
         result[(phase, who)] = ips
         result[(phase, who, "mfu")] = ips * flops_per_image[phase] / (args.peak_tflops * 1e12)
         # tfloop's frozen-feature phase runs the backbone once, not once per epoch.
-        done = counted_per_image[phase] / (epochs[phase] if who == "tfloop" else 1)
+        done = counted_per_image[phase] / (epochs[phase] if who == "tfloop" and phase == "frozen" else 1)
         result[(phase, who, "counted")] = ips * done / (args.peak_tflops * 1e12)
     return result
 
@@ -273,6 +278,7 @@ def main() -> None:
         results.append(bench_backbone(workload, workload_args, devices))
     load = os.getloadavg()[0]
 
+    other_xla = "off" if devices.jit_compile else "on"
     rows = []
     for result in results:
         for phase, label in (("frozen", "frozen-feature phase"), ("fine_tune", "fine-tune phase")):
@@ -283,6 +289,14 @@ def main() -> None:
                 f"{100 * result[(phase, 'plain', 'mfu')]:.1f}% | "
                 f"{100 * result[(phase, 'tfloop', 'counted')]:.1f}% |"
             )
+        flipped, plain = result[("fine_tune", "xla_flipped")], result[("fine_tune", "plain")]
+        rows.append(
+            f"| {result['backbone']}@{result['size']} | fine-tune phase, XLA {other_xla} | {flipped:.1f} | "
+            f"{plain:.1f} | {flipped / plain:.2f} | "
+            f"{100 * result[('fine_tune', 'xla_flipped', 'mfu')]:.1f}% | "
+            f"{100 * result[('fine_tune', 'plain', 'mfu')]:.1f}% | "
+            f"{100 * result[('fine_tune', 'xla_flipped', 'counted')]:.1f}% |"
+        )
     xla = "on" if devices.jit_compile else "off"
     device = gpu_name or f"CPU ({os.cpu_count()} cores, {platform.machine()})"
     body = "\n".join(
