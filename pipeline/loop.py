@@ -287,7 +287,7 @@ class TrainOutcome:
 
 def train_candidate(request: TrainRequest) -> TrainOutcome:
     """Train on all roots with training/'s trainer; resumes from ``checkpoint_dir`` after a crash."""
-    from training.train import train
+    from training.fit import train
 
     config = request.options.train_config(data=request.roots.all, model_name=request.model_name)
     result = train(

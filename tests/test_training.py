@@ -246,7 +246,7 @@ def test_compute_report_by_hand() -> None:
 
 def test_any_predict_function_is_evaluated_on_file_records(dataset: Path) -> None:
     from training.data import scan_dataset
-    from training.evaluate import evaluate_model, keras_predict_fn
+    from training.evaluate import evaluate_model, keras_top1_fn
     from training.models import build_model
 
     scanned = scan_dataset([str(dataset)], min_images_per_label=3)
@@ -254,12 +254,12 @@ def test_any_predict_function_is_evaluated_on_file_records(dataset: Path) -> Non
     model = build_model("mobilenet_v2", 3, image_size=SIZE)
     direct = evaluate_model(model, records, scanned.labels, image_size=SIZE)
     through_bytes = evaluate_predict_fn(
-        keras_predict_fn(model, scanned.labels, image_size=SIZE), records, labels=scanned.labels
+        keras_top1_fn(model, scanned.labels, image_size=SIZE), records, labels=scanned.labels
     )
     assert through_bytes.confusion == direct.confusion and through_bytes.n == len(records)
 
-    def always_new_label(images: list[bytes]) -> list[str]:
-        return ["hexagon" for _ in images]
+    def always_new_label(images: list[bytes]) -> list[tuple[str, float]]:
+        return [("hexagon", 1.0) for _ in images]
 
     report = evaluate_predict_fn(always_new_label, records, labels=scanned.labels)
     assert report.labels == [*scanned.labels, "hexagon"] and report.accuracy == 0.0

@@ -74,6 +74,11 @@ class FileRecord:
     local_path: str
     sha256: str
 
+    def read_bytes(self) -> bytes:
+        """The image's bytes: from the local copy ingestion made when it is there, else from ``uri``."""
+        local = storage.local_path(self.local_path) if self.local_path else None
+        return local.read_bytes() if local is not None and local.is_file() else storage.read_bytes(self.uri)
+
 
 @dataclass(frozen=True)
 class SkippedFile:
@@ -505,10 +510,3 @@ def make_image_dataset(
 
         dataset = dataset.map(augment_pair, num_parallel_calls=autotune)
     return dataset.prefetch(autotune)
-
-
-def load_images(paths: Sequence[str], *, image_size: int) -> tf.Tensor:
-    """Decode and resize local image files into one float32 batch (for small evaluation sets)."""
-    import tensorflow as tf
-
-    return tf.stack([decode_image(tf.io.read_file(p), image_size=image_size) for p in paths])

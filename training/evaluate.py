@@ -2,8 +2,9 @@
 the confusion matrix.
 
 :func:`evaluate_model` evaluates a Keras model on a validation split. :func:`evaluate_predict_fn` evaluates
-ANY prediction function that maps encoded image bytes to label names (a SavedModel signature, a served
-model, a Keras model wrapped by :func:`keras_predict_fn`), so a champion and a candidate can be compared on
+ANY prediction function that maps encoded image bytes to top-1 labels with their probabilities
+(:data:`TopPredictFn`: a SavedModel signature, a served model, a Keras model wrapped by
+:func:`keras_top1_fn`), so a champion and a candidate can be compared on
 identical files even when their label sets differ.
 """
 
@@ -15,14 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import storage
 from training.data import FileRecord, make_image_dataset
 
 if TYPE_CHECKING:
     import keras
 
-PredictFn = Callable[[list[bytes]], Sequence[str]]
-"""Encoded images in, one predicted label name per image out."""
 TopPredictFn = Callable[[list[bytes]], Sequence[tuple[str, float]]]
 """Encoded images in, the top-1 label and its probability per image out (what the gate scores)."""
 
@@ -103,19 +101,14 @@ def evaluate_model(
     return compute_report(y_true, y_pred, labels)
 
 
-def _record_bytes(record: FileRecord) -> bytes:
-    local = storage.local_path(record.local_path)
-    return local.read_bytes() if local.is_file() else storage.read_bytes(record.uri)
-
-
 def evaluate_predict_fn(
-    predict: PredictFn,
+    predict: TopPredictFn,
     records: Sequence[FileRecord],
     *,
     labels: Sequence[str] | None = None,
     batch_size: int = 32,
 ) -> EvalReport:
-    """Evaluate ``predict`` (encoded image bytes -> one label name each) on ``records``.
+    """Evaluate ``predict`` (encoded image bytes -> top-1 label and probability each) on ``records``.
 
     The report's label order is ``labels`` (default: the records' labels, sorted); predicted names outside
     it are appended, so a model that predicts a label the data lacks is counted wrong, not dropped.
@@ -128,7 +121,7 @@ def evaluate_predict_fn(
     guesses: list[str] = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        predicted = list(predict([_record_bytes(r) for r in batch]))
+        predicted = [label for label, _ in predict([r.read_bytes() for r in batch])]
         if len(predicted) != len(batch):
             raise ValueError(f"predict returned {len(predicted)} labels for {len(batch)} images")
         truths.extend(r.label for r in batch)
@@ -154,17 +147,5 @@ def keras_top1_fn(
         probabilities = np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
         best = np.argmax(probabilities, axis=-1)
         return [(labels[i], float(row[i])) for i, row in zip(best, probabilities, strict=True)]
-
-    return predict
-
-
-def keras_predict_fn(
-    model: keras.Model, labels: Sequence[str], *, image_size: int, batch_size: int = 32
-) -> PredictFn:
-    """A :data:`PredictFn` for a Keras classifier: decode like training, predict, return top-1 label names."""
-    top1 = keras_top1_fn(model, labels, image_size=image_size, batch_size=batch_size)
-
-    def predict(images: list[bytes]) -> list[str]:
-        return [label for label, _ in top1(images)]
 
     return predict

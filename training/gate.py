@@ -34,7 +34,6 @@ Corrected items where champion and candidate both predict another label with pro
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -712,24 +711,16 @@ def answer_records(
     read: Callable[[FileRecord], bytes] | None = None,
 ) -> ModelAnswers:
     """Run ``predict`` (encoded images -> (label, probability) each) over ``records`` once, in batches."""
-    read = read or _record_bytes
     labels: list[str] = []
     confidences: list[float] = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        answer = list(predict([read(record) for record in batch]))
+        answer = list(predict([read(record) if read else record.read_bytes() for record in batch]))
         if len(answer) != len(batch):
             raise GateError(f"the model answered {len(answer)} labels for {len(batch)} images")
         labels.extend(str(label) for label, _ in answer)
         confidences.extend(float(confidence) for _, confidence in answer)
     return ModelAnswers(labels=tuple(labels), confidences=tuple(confidences))
-
-
-def _record_bytes(record: FileRecord) -> bytes:
-    import storage
-
-    local = storage.local_path(record.local_path) if record.local_path else None
-    return local.read_bytes() if local is not None and local.is_file() else storage.read_bytes(record.uri)
 
 
 def savedmodel_predict_fn(saved_model_dir: str) -> TopPredictFn:
@@ -798,8 +789,3 @@ def log_gate_decision(decision: GateDecision, *, run_id: str, tracking_uri: str)
         client.log_metric(run_id, key, value)
     client.set_tag(run_id, "tfloop.gate", "passed" if decision.passed else "refused")
     client.set_tag(run_id, "tfloop.gate_reason", decision.reason[:5000])
-
-
-def decision_json(decision: GateDecision) -> str:
-    """The decision as one JSON string (for CLI output and logs)."""
-    return json.dumps(decision.to_dict(), sort_keys=True)
