@@ -25,8 +25,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from pipeline import loop, tasks
-from pipeline.loop import DeliveryOptions, GateOptions, TrainingOptions
+from pipeline import locking, loop, promotion, summary, tasks
+from pipeline.options import DeliveryOptions, GateOptions, TrainingOptions
 from pipeline.settings import TfloopSettings
 
 
@@ -73,7 +73,7 @@ def one_run_per_model(settings: TfloopSettings) -> Iterator[None]:
     from pipeline.prefect_server import ensure_concurrency_limit
 
     logger = get_run_logger()
-    name = loop.loop_limit_name(settings.model_name)
+    name = locking.loop_limit_name(settings.model_name)
     if get_current_settings().api.url:
         ensure_concurrency_limit(name=name, limit=1)
         logger.info("taking the one slot of concurrency limit %s (waits while another run holds it)", name)
@@ -83,7 +83,7 @@ def one_run_per_model(settings: TfloopSettings) -> Iterator[None]:
             yield
         return
     logger.info("no Prefect server: taking the local loop lock of %s", settings.model_name)
-    with loop.local_loop_lock(settings.prefect_home, settings.model_name):
+    with locking.local_loop_lock(settings.prefect_home, settings.model_name):
         yield
 
 
@@ -97,8 +97,8 @@ def run_loop(
     delivery: DeliveryOptions,
     require_pending: bool,
 ) -> dict[str, Any]:
-    """The steps shared by both flows (one run per model at a time); returns :class:`loop.LoopResult`."""
-    loop.check_delivery(delivery)
+    """The steps shared by both flows (one run per model at a time); returns :class:`summary.LoopResult`."""
+    delivery.check_delivery(delivery)
     with one_run_per_model(settings):
         return _run_loop(
             settings=settings,
@@ -122,8 +122,10 @@ def _run_loop(
     require_pending: bool,
 ) -> dict[str, Any]:
     logger = get_run_logger()
-    result = loop.LoopResult(reason=loop.describe_trigger(reason, trigger), model_name=settings.model_name)
-    result.live_version = loop.current_live_version(
+    result = summary.LoopResult(
+        reason=summary.describe_trigger(reason, trigger), model_name=settings.model_name
+    )
+    result.live_version = promotion.current_live_version(
         model_base=settings.models_uri, model_name=settings.model_name
     )
     logger.info("tfloop run: %s", result.reason)
@@ -178,7 +180,7 @@ def _run_loop(
     )
     result.exported_version, result.export_path = exported["version"], exported["path"]
     result.registered_version = str(exported["registered_version"])
-    request = loop.DeliveryRequest(
+    request = delivery.DeliveryRequest(
         model_name=settings.model_name,
         model_base=settings.models_uri,
         version=int(exported["version"]),
@@ -209,24 +211,24 @@ def _run_loop(
             f"--model-base {settings.models_uri}`"
         )
         return _finish(result)
-    promotion = tasks.promote(
+    promoted = tasks.promote(
         model_name=settings.model_name,
         model_base=settings.models_uri,
         version=int(exported["version"]),
         tracking_uri=settings.tracking_uri,
         promoted_by=f"flow run {_run_key()} (MLflow run {outcome.run_id})",
     )
-    result.champion_alias = promotion.champion_alias
-    result.live_version, result.live_previous = promotion.version, promotion.previous
+    result.champion_alias = promoted.champion_alias
+    result.live_version, result.live_previous = promoted.version, promoted.previous
     result.promoted = True
     return _finish(result)
 
 
-def _finish(result: loop.LoopResult) -> dict[str, Any]:
-    summary = loop.format_summary(result)
-    get_run_logger().info("summary:\n%s", summary)
+def _finish(result: summary.LoopResult) -> dict[str, Any]:
+    text = summary.format_summary(result)
+    get_run_logger().info("summary:\n%s", text)
     create_markdown_artifact(
-        markdown="# tfloop run summary\n\n```\n" + summary + "\n```\n",
+        markdown="# tfloop run summary\n\n```\n" + text + "\n```\n",
         key="loop-summary",
         description=result.reason[:500],
     )

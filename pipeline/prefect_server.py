@@ -402,7 +402,7 @@ def deploy_flows(
         tail = "\n".join(output.splitlines()[-25:])
         raise PrefectServerError(f"`prefect deploy` failed (exit {completed.returncode}):\n{tail}")
     if model_name:
-        from pipeline.loop import loop_limit_name
+        from pipeline.locking import loop_limit_name
 
         ensure_concurrency_limit(name=loop_limit_name(model_name), limit=1, api_url=api_url)
     return [str(deployment["name"]) for deployment in config["deployments"]]

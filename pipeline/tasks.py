@@ -1,4 +1,5 @@
-"""Prefect tasks: each a short wrapper over one plain, typed function of training/, export/, k8s/ or loop.py.
+"""Prefect tasks: each a short wrapper over one plain, typed function of training/, export/, k8s/ or the
+loop's modules in pipeline/.
 
 Tasks that touch storage, the MLflow registry, an image registry or the cluster retry with exponential
 backoff and have timeouts. Results are persisted (in Prefect's result storage under the state folder) with
@@ -7,9 +8,9 @@ the steps that had finished instead of redoing them. Training keeps a checkpoint
 retried training task resumes from its last checkpoint.
 
 Retries never duplicate: a retried export returns the version its run already has (export.api), promotion
-is idempotent, and a rollout that was rolled back (``loop.RolledBackError``), a delivery that cannot work
-(``loop.DeliveryConfigError``) or settings the cluster refuses are final: :func:`retry_unless_final` refuses
-to retry them.
+is idempotent, and a rollout that was rolled back (``delivery.RolledBackError``), a delivery that cannot
+work (``delivery.DeliveryConfigError``) or settings the cluster refuses are final: :func:`retry_unless_final`
+refuses to retry them.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from k8s.errors import ForbiddenError, InvalidSettingsError, InvalidTargetError, NamespaceMissingError
-from pipeline import loop
+from pipeline import delivery, feedback_queue, loop, promotion
 from training import gate
 
 # Errors a retry cannot fix: the same rollout would be rolled back again, the same settings refused again.
 FINAL_ERRORS: tuple[type[BaseException], ...] = (
-    loop.RolledBackError,
-    loop.DeliveryConfigError,
+    delivery.RolledBackError,
+    delivery.DeliveryConfigError,
     InvalidTargetError,
     InvalidSettingsError,
     ForbiddenError,
@@ -54,9 +55,11 @@ ONE_HOUR = 3600
 
 
 @task(name="gather-roots", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
-def gather_roots(*, data_uri: str, feedback_root: str, include_consumed: bool = True) -> loop.DatasetRoots:
+def gather_roots(
+    *, data_uri: str, feedback_root: str, include_consumed: bool = True
+) -> feedback_queue.DatasetRoots:
     """The base dataset plus feedback roots, and the pending files this run will consume."""
-    return loop.gather_roots(
+    return feedback_queue.gather_roots(
         data_uri=data_uri, feedback_root=feedback_root, include_consumed=include_consumed
     )
 
@@ -103,9 +106,9 @@ def export_and_register(
 @task(
     name="build-image", retries=2, retry_delay_seconds=30, timeout_seconds=2 * ONE_HOUR, persist_result=True
 )
-def build_image(request: loop.DeliveryRequest) -> loop.StepOutcome:
+def build_image(request: delivery.DeliveryRequest) -> delivery.StepOutcome:
     """Build (and push) the serving image of the exported version, or say why it was skipped."""
-    return loop.build_serving_image(request)
+    return delivery.build_serving_image(request)
 
 
 @task(
@@ -116,32 +119,34 @@ def build_image(request: loop.DeliveryRequest) -> loop.StepOutcome:
     timeout_seconds=ONE_HOUR,
     persist_result=True,
 )
-def roll_out(request: loop.DeliveryRequest, image: loop.StepOutcome) -> loop.StepOutcome:
+def roll_out(request: delivery.DeliveryRequest, image: delivery.StepOutcome) -> delivery.StepOutcome:
     """Roll the built image out by digest (rollback on failure; a rolled-back rollout is not retried)."""
-    return loop.roll_out_image(request, image=image.value, digest=image.digest)
+    return delivery.roll_out_image(request, image=image.value, digest=image.digest)
 
 
 @task(name="smoke-test", timeout_seconds=FIVE_MINUTES, persist_result=True)
-def smoke_test(request: loop.DeliveryRequest, rollout: loop.StepOutcome) -> loop.StepOutcome:
+def smoke_test(request: delivery.DeliveryRequest, rollout: delivery.StepOutcome) -> delivery.StepOutcome:
     """Check the candidate answers (the rollout's smoke test, or its pinned route on the serving URL).
 
     Not retried: the check already waits up to ``delivery.smoke_timeout_s`` for the candidate to load.
     """
-    return loop.smoke_test_serving(request, rollout=rollout)
+    return delivery.smoke_test_serving(request, rollout=rollout)
 
 
 @task(name="consume-feedback", **STORAGE_RETRIES, timeout_seconds=ONE_HOUR, persist_result=True)
-def consume_feedback(*, feedback_root: str, run_id: str, files: tuple[str, ...]) -> loop.ConsumeResult:
+def consume_feedback(
+    *, feedback_root: str, run_id: str, files: tuple[str, ...]
+) -> feedback_queue.ConsumeResult:
     """Move the pending corrections this run trained on to ``consumed/<run>/`` (never deleted)."""
-    return loop.consume_feedback(feedback_root=feedback_root, run_id=run_id, files=files)
+    return feedback_queue.consume_feedback(feedback_root=feedback_root, run_id=run_id, files=files)
 
 
 @task(name="promote", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
 def promote(
     *, model_name: str, model_base: str, version: int, tracking_uri: str, promoted_by: str
-) -> loop.PromotionOutcome:
+) -> promotion.PromotionOutcome:
     """Make the version live: the live pointer beside the versions and MLflow's ``champion`` alias."""
-    return loop.promote_live(
+    return promotion.promote_live(
         model_name=model_name,
         model_base=model_base,
         version=version,

@@ -219,7 +219,7 @@ def test_promote_version_writes_the_live_pointer_and_moves_champion(store, tmp_p
     from export.api import export_model, export_run
     from export.errors import PromotionError
     from export.registry import champion_version, promote_version
-    from pipeline.loop import current_live_version
+    from pipeline.promotion import current_live_version
     from storage import versions
 
     base = str(tmp_path / "models")

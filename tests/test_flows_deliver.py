@@ -34,8 +34,9 @@ def flow_env(tfloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_cluster_without_registry_fails_before_training(
     flow_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pipeline.delivery import DeliveryConfigError
     from pipeline.flows import train_and_deploy
-    from pipeline.loop import DeliveryConfigError, TrainingOptions
+    from pipeline.options import TrainingOptions
 
     kubeconfig = flow_env / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
@@ -53,7 +54,7 @@ def test_a_rolled_back_rollout_is_not_retried(flow_env: Path) -> None:
     from prefect import flow, task
 
     from pipeline import tasks
-    from pipeline.loop import DeliveryError, RolledBackError
+    from pipeline.delivery import DeliveryError, RolledBackError
 
     attempts: list[str] = []
 
@@ -78,13 +79,13 @@ def test_a_rolled_back_rollout_is_not_retried(flow_env: Path) -> None:
 
 def test_passing_path_exports_consumes_feedback_and_promotes(flow_env: Path) -> None:
     from export.registry import champion_version
-    from pipeline import loop
+    from pipeline import feedback_queue, loop, summary
     from pipeline.flows import train_and_deploy
-    from pipeline.loop import DeliveryOptions, GateOptions, TrainingOptions
+    from pipeline.options import DeliveryOptions, GateOptions, TrainingOptions
     from pipeline.settings import TfloopSettings
 
     settings = TfloopSettings()
-    pending_before = loop.pending_files(settings.feedback_root)
+    pending_before = feedback_queue.pending_files(settings.feedback_root)
     result = train_and_deploy(
         reason="test: first model",
         training=TrainingOptions(
@@ -108,10 +109,10 @@ def test_passing_path_exports_consumes_feedback_and_promotes(flow_env: Path) -> 
     assert champion is not None and champion.serving_version == 1
     assert str(champion.registered_version) == result["registered_version"]
     assert result["feedback_consumed"] == len(pending_before) > 0
-    assert loop.pending_files(settings.feedback_root) == []
+    assert feedback_queue.pending_files(settings.feedback_root) == []
     consumed = storage.join(settings.feedback_root, "consumed", result["run_id"])
     assert sorted(storage.list_files(consumed)) == sorted(pending_before)
-    assert "live: version 1 (promoted)" in loop.format_summary(loop.LoopResult.from_dict(result))
+    assert "live: version 1 (promoted)" in summary.format_summary(summary.LoopResult.from_dict(result))
 
     # A retried export task (e.g. after a crash before its result was stored) gets the same version.
     again = loop.export_candidate(

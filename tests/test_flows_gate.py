@@ -68,7 +68,7 @@ def test_worse_candidate_is_refused_and_not_exported(flow_env: Path) -> None:
     from export.api import export_model
     from export.registry import champion_version, promote, register_version
     from pipeline.flows import train_and_deploy
-    from pipeline.loop import DeliveryOptions, GateOptions, TrainingOptions
+    from pipeline.options import DeliveryOptions, GateOptions, TrainingOptions
     from pipeline.settings import TfloopSettings
 
     settings = TfloopSettings()

@@ -148,7 +148,7 @@ def _cancel_unfinished(api_url: str) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled
 
-    from pipeline.loop import loop_limit_name
+    from pipeline.locking import loop_limit_name
 
     with _client(api_url) as client:
         for run in _feedback_runs(api_url):
@@ -177,7 +177,7 @@ def test_runs_of_a_model_never_overlap(tfloop_home: Path, prefect_server: Any, t
 
     Each run is given a dataset that does not exist, so it holds the slot while its first task retries
     (about 15 s) and then fails: long enough for the runs to collide, without any training."""
-    from pipeline.loop import loop_limit_name
+    from pipeline.locking import loop_limit_name
     from pipeline.prefect_server import DeployOptions, deploy_flows
 
     api_url = prefect_server.api_url

@@ -157,7 +157,7 @@ def test_keras_file_round_trip(tmp_path: Path) -> None:
 def test_training_options_reuse_the_train_config_fields() -> None:
     from pydantic import ValidationError
 
-    from pipeline.loop import TrainingOptions
+    from pipeline.options import TrainingOptions
     from training.fit import TrainingParameters
 
     assert set(TrainingParameters.model_fields) <= set(TrainingOptions.model_fields)

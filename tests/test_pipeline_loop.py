@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import storage
-from pipeline import loop
+from pipeline import delivery, feedback_queue, locking, options, summary
 from pipeline.prefect_server import (
     DeployOptions,
     PrefectServerError,
@@ -38,66 +38,68 @@ def roots(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
 def test_gather_roots_lists_consumed_and_pending(roots: tuple[str, str]) -> None:
     data, feedback = roots
     _queue(feedback, {"pending/cat/1.jpg": b"1", "pending/dog/2.png": b"2", "consumed/run-a/cat/0.jpg": b"0"})
-    gathered = loop.gather_roots(data_uri=data, feedback_root=feedback)
+    gathered = feedback_queue.gather_roots(data_uri=data, feedback_root=feedback)
     assert gathered.all == [
         data,
         storage.join(feedback, "consumed", "run-a"),
         storage.join(feedback, "pending"),
     ]
     assert gathered.pending_files == ("cat/1.jpg", "dog/2.png")
-    without = loop.gather_roots(data_uri=data, feedback_root=feedback, include_consumed=False)
+    without = feedback_queue.gather_roots(data_uri=data, feedback_root=feedback, include_consumed=False)
     assert without.all == [data, storage.join(feedback, "pending")]
 
 
 def test_gather_roots_refuses_a_missing_base_dataset(tmp_path: Path) -> None:
     with pytest.raises(storage.TfloopError, match="make-demo"):
-        loop.gather_roots(data_uri=str(tmp_path / "nothing"), feedback_root=str(tmp_path / "fb"))
+        feedback_queue.gather_roots(data_uri=str(tmp_path / "nothing"), feedback_root=str(tmp_path / "fb"))
 
 
 def test_consume_feedback_moves_only_the_listed_files_and_is_idempotent(roots: tuple[str, str]) -> None:
     _, feedback = roots
     _queue(feedback, {"pending/cat/1.jpg": b"1", "pending/dog/2.png": b"2", "pending/dog/late.png": b"3"})
     files = ("cat/1.jpg", "dog/2.png")
-    first = loop.consume_feedback(feedback_root=feedback, run_id="abc123", files=files)
+    first = feedback_queue.consume_feedback(feedback_root=feedback, run_id="abc123", files=files)
     assert (first.moved, first.already_moved, first.missing) == (2, 0, 0)
     assert first.destination == storage.join(feedback, "consumed", "abc123")
     assert storage.list_files(storage.join(feedback, "consumed", "abc123")) == ["cat/1.jpg", "dog/2.png"]
     assert storage.read_bytes(storage.join(feedback, "consumed", "abc123", "dog", "2.png")) == b"2"
     # The item that arrived during training stays pending for the next run.
-    assert loop.pending_files(feedback) == ["dog/late.png"]
-    again = loop.consume_feedback(feedback_root=feedback, run_id="abc123", files=files)
+    assert feedback_queue.pending_files(feedback) == ["dog/late.png"]
+    again = feedback_queue.consume_feedback(feedback_root=feedback, run_id="abc123", files=files)
     assert (again.moved, again.already_moved, again.missing) == (0, 2, 0)
 
 
 def test_consume_feedback_rejects_path_tricks(tmp_path: Path) -> None:
     with pytest.raises(storage.TfloopError, match="relative"):
-        loop.consume_feedback(feedback_root=str(tmp_path), run_id="r", files=["../../etc/passwd"])
+        feedback_queue.consume_feedback(feedback_root=str(tmp_path), run_id="r", files=["../../etc/passwd"])
     with pytest.raises(storage.TfloopError, match="run id"):
-        loop.consumed_folder_name("///")
-    assert loop.consumed_folder_name("a/b c") == "a-b-c"
+        feedback_queue.consumed_folder_name("///")
+    assert feedback_queue.consumed_folder_name("a/b c") == "a-b-c"
 
 
 def test_threshold_check_counts_pending_items(tmp_path: Path) -> None:
     feedback = str(tmp_path / "fb")
-    assert not loop.feedback_threshold_reached(feedback_root=feedback, threshold=2)
+    assert not feedback_queue.feedback_threshold_reached(feedback_root=feedback, threshold=2)
     _queue(feedback, {"pending/cat/1.jpg": b"1", "pending/cat/2.jpg": b"2"})
-    assert loop.feedback_threshold_reached(feedback_root=feedback, threshold=2)
-    assert not loop.feedback_threshold_reached(feedback_root=feedback, threshold=3)
+    assert feedback_queue.feedback_threshold_reached(feedback_root=feedback, threshold=2)
+    assert not feedback_queue.feedback_threshold_reached(feedback_root=feedback, threshold=3)
 
 
 def test_describe_trigger_and_summary() -> None:
-    text = loop.describe_trigger("feedback threshold reached", {"event_id": "e1", "resource": "", "x": None})
+    text = summary.describe_trigger(
+        "feedback threshold reached", {"event_id": "e1", "resource": "", "x": None}
+    )
     assert text == "feedback threshold reached (event_id=e1)"
-    assert loop.describe_trigger(None, None) == "started manually"
-    result = loop.LoopResult(run_id="r1", reason="manual", gate_passed=False, gate_reason="refused: worse")
+    assert summary.describe_trigger(None, None) == "started manually"
+    result = summary.LoopResult(run_id="r1", reason="manual", gate_passed=False, gate_reason="refused: worse")
     result.skipped.append("export: the gate refused the candidate")
-    summary = loop.format_summary(result)
-    assert "REFUSED" in summary and "skipped: export" in summary
-    assert loop.LoopResult.from_dict(result.to_dict()) == result
+    text = summary.format_summary(result)
+    assert "REFUSED" in text and "skipped: export" in text
+    assert summary.LoopResult.from_dict(result.to_dict()) == result
 
 
 def test_gate_options_make_a_policy() -> None:
-    policy = loop.GateOptions(min_accuracy=0.7, max_accuracy_drop=0.05).policy()
+    policy = options.GateOptions(min_accuracy=0.7, max_accuracy_drop=0.05).policy()
     assert policy.min_accuracy == 0.7 and policy.max_accuracy_drop == 0.05
 
 
@@ -106,21 +108,21 @@ def test_delivery_steps_skip_with_a_reason_when_nothing_is_configured(
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    request = loop.DeliveryRequest(
+    request = delivery.DeliveryRequest(
         model_name="m",
         model_base=str(tmp_path / "models"),
         version=3,
         run_id="r",
         tracking_uri="sqlite:///x.db",
-        options=loop.DeliveryOptions(build_image=False),
+        options=options.DeliveryOptions(build_image=False),
     )
-    build = loop.build_serving_image(request)
+    build = delivery.build_serving_image(request)
     assert not build.ran and "disabled" in build.detail and "version 3" in build.detail
-    rollout = loop.roll_out_image(request, image=None)
+    rollout = delivery.roll_out_image(request, image=None)
     assert not rollout.ran and "no image" in rollout.detail
-    forced = loop.roll_out_image(request, image="registry/m:v3")
+    forced = delivery.roll_out_image(request, image="registry/m:v3")
     assert not forced.ran and "no cluster configured" in forced.detail
-    smoke = loop.smoke_test_serving(request, rollout=rollout)
+    smoke = delivery.smoke_test_serving(request, rollout=rollout)
     assert not smoke.ran and "serving URL" in smoke.detail
 
 
@@ -176,16 +178,16 @@ def test_a_cluster_without_a_registry_is_refused_before_anything_runs(
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(
-        loop.DeliveryConfigError, match=r"set delivery\.registry=HOST\[:PORT\] or delivery\.rollout"
+        delivery.DeliveryConfigError, match=r"set delivery\.registry=HOST\[:PORT\] or delivery\.rollout"
     ):
-        loop.check_delivery(loop.DeliveryOptions())
-    with pytest.raises(loop.DeliveryConfigError, match="push=false"):
-        loop.check_delivery(loop.DeliveryOptions(registry="registry.example:5000", push=False))
-    loop.check_delivery(loop.DeliveryOptions(registry="registry.example:5000"))
-    loop.check_delivery(loop.DeliveryOptions(rollout=False))
-    loop.check_delivery(loop.DeliveryOptions(build_image=False))
+        delivery.check_delivery(options.DeliveryOptions())
+    with pytest.raises(delivery.DeliveryConfigError, match="push=false"):
+        delivery.check_delivery(options.DeliveryOptions(registry="registry.example:5000", push=False))
+    delivery.check_delivery(options.DeliveryOptions(registry="registry.example:5000"))
+    delivery.check_delivery(options.DeliveryOptions(rollout=False))
+    delivery.check_delivery(options.DeliveryOptions(build_image=False))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
-    loop.check_delivery(loop.DeliveryOptions())  # no cluster: nothing to pull, the local path works
+    delivery.check_delivery(options.DeliveryOptions())  # no cluster: nothing to pull, the local path works
 
 
 def test_final_delivery_errors_are_not_retried() -> None:
@@ -197,12 +199,17 @@ def test_final_delivery_errors_are_not_retried() -> None:
         return Failed(data=error)
 
     assert tasks.roll_out.retry_condition_fn is tasks.retry_unless_final
-    assert tasks.retry_unless_final(tasks.roll_out, None, state(loop.RolledBackError("rolled back"))) is False
     assert (
-        tasks.retry_unless_final(tasks.roll_out, None, state(loop.DeliveryConfigError("no registry")))
+        tasks.retry_unless_final(tasks.roll_out, None, state(delivery.RolledBackError("rolled back")))
         is False
     )
-    assert tasks.retry_unless_final(tasks.roll_out, None, state(loop.DeliveryError("API timeout"))) is True
+    assert (
+        tasks.retry_unless_final(tasks.roll_out, None, state(delivery.DeliveryConfigError("no registry")))
+        is False
+    )
+    assert (
+        tasks.retry_unless_final(tasks.roll_out, None, state(delivery.DeliveryError("API timeout"))) is True
+    )
     assert tasks.retry_unless_final(tasks.roll_out, None, state(OSError("reset"))) is True
 
 
@@ -210,19 +217,19 @@ def test_local_loop_lock_excludes_a_second_run_and_dies_with_its_process(tmp_pat
     import subprocess
     import sys
 
-    with loop.local_loop_lock(tmp_path, "m"):
+    with locking.local_loop_lock(tmp_path, "m"):
         with (
-            pytest.raises(loop.LoopBusyError, match="one at a time"),
-            loop.local_loop_lock(tmp_path, "m", wait_s=0),
+            pytest.raises(locking.LoopBusyError, match="one at a time"),
+            locking.local_loop_lock(tmp_path, "m", wait_s=0),
         ):
             pass
-        with loop.local_loop_lock(tmp_path, "other-model", wait_s=0):
+        with locking.local_loop_lock(tmp_path, "other-model", wait_s=0):
             pass  # another model's runs are not held up
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from pipeline.loop import local_loop_lock\n"
+            "import sys, time; from pathlib import Path; from pipeline.locking import local_loop_lock\n"
             f"with local_loop_lock(Path({str(tmp_path)!r}), 'm'):\n"
             "    print('held', flush=True); time.sleep(600)",
         ],
@@ -232,21 +239,21 @@ def test_local_loop_lock_excludes_a_second_run_and_dies_with_its_process(tmp_pat
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(loop.LoopBusyError), loop.local_loop_lock(tmp_path, "m", wait_s=0):
+        with pytest.raises(locking.LoopBusyError), locking.local_loop_lock(tmp_path, "m", wait_s=0):
             pass
     finally:
         holder.kill()
         holder.wait(timeout=30)
-    with loop.local_loop_lock(tmp_path, "m", wait_s=5):
+    with locking.local_loop_lock(tmp_path, "m", wait_s=5):
         pass  # a killed holder never leaves the lock held
 
 
 def test_summary_says_what_is_live() -> None:
-    promoted = loop.LoopResult(run_id="r", live_version=3, live_previous=2, promoted=True)
-    assert "live: version 3 (promoted (was 2))" in loop.format_summary(promoted)
-    refused = loop.LoopResult(run_id="r", gate_passed=False, gate_reason="refused", live_version=2)
-    assert "live: version 2 (unchanged)" in loop.format_summary(refused)
-    assert "live: no version yet" in loop.format_summary(loop.LoopResult(run_id="r"))
+    promoted = summary.LoopResult(run_id="r", live_version=3, live_previous=2, promoted=True)
+    assert "live: version 3 (promoted (was 2))" in summary.format_summary(promoted)
+    refused = summary.LoopResult(run_id="r", gate_passed=False, gate_reason="refused", live_version=2)
+    assert "live: version 2 (unchanged)" in summary.format_summary(refused)
+    assert "live: no version yet" in summary.format_summary(summary.LoopResult(run_id="r"))
 
 
 def test_flows_yaml_runs_one_run_at_a_time_per_deployment() -> None:

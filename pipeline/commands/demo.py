@@ -112,7 +112,7 @@ def demo(
         info(f"accepted {len(sent)} corrections; queue: {serving.stats()}")
 
         _step(6, "threshold check (the demo's stand-in for the Prefect trigger on tfloop.feedback.received)")
-        from pipeline.loop import feedback_threshold_reached, pending_files
+        from pipeline.feedback_queue import feedback_threshold_reached, pending_files
 
         pending = len(pending_files(settings.feedback_root))
         reached = feedback_threshold_reached(feedback_root=settings.feedback_root, threshold=corrections)
@@ -242,7 +242,7 @@ def run_flow(
 ) -> dict[str, Any]:
     """Run train-and-deploy (v1) or retrain-from-feedback (v2) in this process on the demo settings."""
     from pipeline import flows
-    from pipeline.loop import DeliveryOptions, GateOptions, TrainingOptions
+    from pipeline.options import DeliveryOptions, GateOptions, TrainingOptions
 
     kwargs: dict[str, Any] = {
         "home": str(settings.home_dir),

@@ -109,7 +109,7 @@ def deploy(
     concurrency limit tfloop-loop-<model> that all loop runs of the model share. Start a worker afterwards
     with `tfloop flows worker`.
     """
-    from pipeline.loop import loop_limit_name
+    from pipeline.locking import loop_limit_name
     from pipeline.prefect_server import DeployOptions, deploy_flows, require_server
 
     settings = _settings()
@@ -194,7 +194,7 @@ def run(
         fail(f"unknown deployment {name!r}; choose one of {', '.join(FLOW_OF_DEPLOYMENT)}")
     settings = _settings()
     if local:
-        from pipeline import flows, loop
+        from pipeline import flows, summary
 
         os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
@@ -202,7 +202,7 @@ def run(
             flows.retrain_from_feedback if flow_name == "retrain-from-feedback" else flows.train_and_deploy
         )
         result = flow_fn(**params)
-        typer.echo(loop.format_summary(loop.LoopResult.from_dict(result)), err=True)
+        typer.echo(summary.format_summary(summary.LoopResult.from_dict(result)), err=True)
         if as_json:
             emit_json(result)
         return

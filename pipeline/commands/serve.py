@@ -19,6 +19,10 @@ def _serve(
         str | None, typer.Option("--feedback", help="Feedback queue root (path or gs://).")
     ] = None,
     port: Annotated[int | None, typer.Option("--port", help="HTTP port (default 8501).")] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option("--grpc-port", help="TF Serving gRPC port (default 8500; 0 turns gRPC off)."),
+    ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Interface (default 0.0.0.0).")] = None,
     version: Annotated[
         str | None,
@@ -61,7 +65,7 @@ def _serve(
         typer.Option("--prefect-api-url", help="Prefect API for feedback events (default: PREFECT_API_URL)."),
     ] = None,
 ) -> None:
-    """Serve the model over HTTP: TF Serving REST, /classify, /feedback, an upload page at /.
+    """Serve the model: TF Serving REST and gRPC, /classify, /feedback, an upload page at /.
 
     Unset options come from TFLOOP_SERVE_* environment variables, then from the tfloop state folder.
     """
@@ -77,6 +81,7 @@ def _serve(
         "model_name": model_name,
         "feedback_uri": feedback,
         "port": port,
+        "grpc_port": grpc_port,
         "host": host,
         "version_policy": version,
         "max_batch_size": max_batch_size,
@@ -104,7 +109,9 @@ def _serve(
         fail(f"invalid serve options: {error}")
     info(
         f"serving {settings.model_name} from {settings.model_base} ({settings.version_policy}) on "
-        f"http://{settings.host}:{settings.port}; feedback to {settings.feedback_uri}"
+        f"http://{settings.host}:{settings.port}"
+        + (f" and gRPC {settings.host}:{settings.grpc_port}" if settings.grpc_port else "")
+        + f"; feedback to {settings.feedback_uri}"
     )
     run_server(settings)
 
