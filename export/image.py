@@ -12,7 +12,6 @@ registry is configured, and its reference is set as tags on the MLflow run of th
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -637,54 +636,3 @@ def build_image(spec: ImageSpec, *, on_log: LogSink = _log_to_logger) -> BuiltIm
         run_id=context.run_id,
         mlflow_note=note,
     )
-
-
-@dataclass(frozen=True)
-class LayerSize:
-    """One layer of an image: the instruction that made it, its uncompressed and compressed (push) size."""
-
-    created_by: str
-    size_bytes: int
-    compressed_bytes: int
-
-
-def _uncompressed_size(blob: Path, media_type: str) -> int:
-    if not media_type.endswith(("gzip", "tar.gzip")) and not media_type.endswith("+gzip"):
-        return blob.stat().st_size
-    total = 0
-    with gzip.open(blob, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            total += len(chunk)
-    return total
-
-
-def buildah_layer_sizes(spec: ImageSpec, ref: str) -> list[LayerSize]:
-    """Uncompressed and compressed size of each layer of an image in buildah's store, base first.
-
-    The image is written once to a temporary OCI layout (``buildah push REF oci:DIR``); each layer blob is
-    measured as stored (compressed) and decompressed, and paired with the non-empty history entries.
-    """
-    with tempfile.TemporaryDirectory(prefix="tfloop-layers-") as scratch:
-        layout = Path(scratch) / "image"
-        _run(
-            ["buildah", *buildah_global_options(spec), "push", "--quiet", ref, f"oci:{layout}"],
-            what=f"export {ref} to measure its layers",
-        )
-        blobs = layout / "blobs" / "sha256"
-        index = json.loads((layout / "index.json").read_text())
-        manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":", 1)[1]).read_text())
-        config = json.loads((blobs / manifest["config"]["digest"].split(":", 1)[1]).read_text())
-        layers = [
-            (
-                _uncompressed_size(blobs / layer["digest"].split(":", 1)[1], layer.get("mediaType", "")),
-                int(layer["size"]),
-            )
-            for layer in manifest["layers"]
-        ]
-    history = [entry for entry in config.get("history", []) if not entry.get("empty_layer")]
-    if len(history) != len(layers):
-        history = [{"created_by": "?"}] * len(layers)
-    return [
-        LayerSize(created_by=str(entry.get("created_by", "")), size_bytes=size, compressed_bytes=compressed)
-        for entry, (size, compressed) in zip(history, layers, strict=True)
-    ]

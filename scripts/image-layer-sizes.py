@@ -3,17 +3,75 @@
 Usage (the image must be in buildah's store; storage options as used for the build):
   .venv/bin/python scripts/image-layer-sizes.py IMAGE_REF [--storage-driver D --root DIR --runroot DIR]
       [--write BENCHMARKS.md]
-The numbers come from ``buildah push IMAGE oci:DIR`` (export.image.buildah_layer_sizes).
+The numbers come from ``buildah push IMAGE oci:DIR``: each layer blob measured as stored and decompressed.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import shlex
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from export.image import ImageSpec, LayerSize, buildah_layer_sizes
+from export.image import ImageSpec, buildah_global_options
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """One layer of an image: the instruction that made it, its uncompressed and compressed (push) size."""
+
+    created_by: str
+    size_bytes: int
+    compressed_bytes: int
+
+
+def _uncompressed_size(blob: Path, media_type: str) -> int:
+    if not media_type.endswith(("gzip", "tar.gzip")) and not media_type.endswith("+gzip"):
+        return blob.stat().st_size
+    total = 0
+    with gzip.open(blob, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            total += len(chunk)
+    return total
+
+
+def buildah_layer_sizes(spec: ImageSpec, ref: str) -> list[LayerSize]:
+    """Uncompressed and compressed size of each layer of an image in buildah's store, base first.
+
+    The image is written once to a temporary OCI layout (``buildah push REF oci:DIR``); each layer blob is
+    measured as stored (compressed) and decompressed, and paired with the non-empty history entries.
+    """
+    with tempfile.TemporaryDirectory(prefix="tfloop-layers-") as scratch:
+        layout = Path(scratch) / "image"
+        subprocess.run(
+            ["buildah", *buildah_global_options(spec), "push", "--quiet", ref, f"oci:{layout}"],
+            check=True,
+            capture_output=True,
+        )
+        blobs = layout / "blobs" / "sha256"
+        index = json.loads((layout / "index.json").read_text())
+        manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":", 1)[1]).read_text())
+        config = json.loads((blobs / manifest["config"]["digest"].split(":", 1)[1]).read_text())
+        layers = [
+            (
+                _uncompressed_size(blobs / layer["digest"].split(":", 1)[1], layer.get("mediaType", "")),
+                int(layer["size"]),
+            )
+            for layer in manifest["layers"]
+        ]
+    history = [entry for entry in config.get("history", []) if not entry.get("empty_layer")]
+    if len(history) != len(layers):
+        history = [{"created_by": "?"}] * len(layers)
+    return [
+        LayerSize(created_by=str(entry.get("created_by", "")), size_bytes=size, compressed_bytes=compressed)
+        for entry, (size, compressed) in zip(history, layers, strict=True)
+    ]
+
 
 SECTION = "image-layers"
 GROUPS = (

@@ -251,11 +251,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class BodyLimitMiddleware:
-    """Answers 413 for bodies over ``max_bytes`` (declared or streamed) before any route reads them."""
+    """Answers 413 for bodies over ``max_bytes`` (declared or streamed) before any route reads them.
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    A client that writes its whole body before it reads (``urllib``, ``requests``, ``http.client``) sees
+    a connection reset instead of the 413 when the server closes while the body is still arriving. So,
+    as nginx's lingering close does, the rest of a refused body is read and dropped first, up to
+    ``discard_bytes`` in all and for at most ``discard_s``; a body declared larger than that, or a client
+    that waits for ``100 Continue``, is answered at once.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, discard_bytes: int, discard_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.discard_bytes = discard_bytes
+        self.discard_s = discard_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -264,10 +273,15 @@ class BodyLimitMiddleware:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None:
-            if not declared.isdigit() or int(declared) > self.max_bytes:
+            if not declared.isdigit():
                 await self._refuse(send)
-                return
-            await self.app(scope, receive, send)
+            elif int(declared) > self.max_bytes:
+                waits = headers.get(b"expect", b"").lower() == b"100-continue"
+                if not waits and int(declared) <= self.discard_bytes:
+                    await self._discard(receive, received=0)
+                await self._refuse(send)
+            else:
+                await self.app(scope, receive, send)
             return
         if headers.get(b"transfer-encoding") is None:
             await self.app(scope, receive, send)
@@ -280,6 +294,8 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await self._discard(receive, received=size)
                 await self._refuse(send)
                 return
             if not message.get("more_body", False):
@@ -294,6 +310,16 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _discard(self, receive: Receive, *, received: int) -> None:
+        """Read and drop the rest of the body, until it ends, passes ``discard_bytes`` or ``discard_s``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.discard_s):
+                while received <= self.discard_bytes:
+                    message = await receive()
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        return
+                    received += len(message.get("body", b""))
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
@@ -493,7 +519,12 @@ def create_app(settings: ServingSettings) -> FastAPI:
     app.add_middleware(
         PredictLane, services=services, routes={kind: routes[path] for kind, path in PREDICT_ROUTES.items()}
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        discard_bytes=settings.discard_bytes(),
+        discard_s=settings.max_discard_s,
+    )
     app.add_middleware(MetricsMiddleware, metrics=services.metrics, in_flight=services.in_flight)
     return app
 

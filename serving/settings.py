@@ -79,6 +79,16 @@ class ServingSettings(BaseSettings):
         description="TensorFlow ops that may run at once (tensorflow_inter_op_parallelism); 0: one per core.",
     )
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Request body limit (413).")
+    max_discard_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Before answering 413, the server reads and drops the rest of a body up to this size, so "
+        "that clients which write the whole body before reading see the 413 instead of a connection reset; "
+        "larger bodies get the 413 at once and the connection closed. None: four times max_body_bytes.",
+    )
+    max_discard_s: float = Field(
+        default=10.0, ge=0, description="Longest the server reads a refused body before answering 413."
+    )
     max_image_pixels: int = Field(
         default=25_000_000, ge=1, description="Largest width*height accepted (decompression bombs)."
     )
@@ -154,6 +164,10 @@ class ServingSettings(BaseSettings):
                 "make one with `openssl rand -hex 32`"
             )
         return value
+
+    def discard_bytes(self) -> int:
+        """Most bytes of a refused body read and dropped before the 413 (see ``max_discard_bytes``)."""
+        return 4 * self.max_body_bytes if self.max_discard_bytes is None else self.max_discard_bytes
 
     @property
     def pinned_version(self) -> int | None:

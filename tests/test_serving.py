@@ -452,6 +452,58 @@ def test_bad_input_is_4xx_and_the_server_lives(model_base: str, tmp_path: Path) 
         assert api.post("/classify", files={"file": ("ok.png", image_bytes(2), "x/y")}).status_code == 200
 
 
+def test_oversized_upload_is_answered_413_to_a_client_that_writes_before_it_reads(
+    model_base: str, tmp_path: Path
+) -> None:
+    # urllib and requests send "Connection: close" and write the whole body before reading: a server that
+    # answers 413 and closes while the body is still arriving resets their connection instead. A body up to
+    # the discard bound is read and dropped first; one declared beyond it (or stalled) is answered at once.
+    import http.client
+    import socket
+    import urllib.error
+    import urllib.request
+
+    limit = 1024 * 1024
+    settings = settings_for(
+        model_base, tmp_path, max_body_bytes=limit, max_discard_bytes=64 * limit, max_discard_s=1.0
+    )
+    error = {"error": f"the request body is over the limit of {limit} bytes"}
+    body = b"\0" * (24 * limit)  # more than loopback's socket buffers hold while the server is not reading
+    with thread_server(settings) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for path in ("/classify", "/feedback", f"/v1/models/{NAME}:predict"):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request(
+                "POST", path, body=body, headers={"Content-Type": "image/png", "Connection": "close"}
+            )
+            response = connection.getresponse()
+            assert (response.status, json.loads(response.read())) == (413, error), path
+            connection.close()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url + path, data=body), timeout=30)
+            assert (refused.value.code, json.loads(refused.value.read())) == (413, error), path
+
+        def answer_to(head: bytes, sent: bytes) -> bytes:
+            """What the server answers to ``head`` and the start of a body, read before sending the rest."""
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                raw.sendall(head + sent)
+                received = b""
+                while chunk := raw.recv(65536):
+                    received += chunk
+                return received
+
+        # Declared beyond the discard bound: answered without waiting for the body.
+        beyond = answer_to(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n", b"")
+        assert beyond.startswith(b"HTTP/1.1 413 ") and json.loads(beyond.split(b"\r\n\r\n", 1)[1]) == error
+        # Within the bound but the client stops sending: answered when max_discard_s is over.
+        started = time.monotonic()
+        head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * limit}\r\n\r\n".encode()
+        stalled = answer_to(head, b"\0" * limit)
+        assert stalled.startswith(b"HTTP/1.1 413 ") and time.monotonic() - started < 20
+        with httpx.Client(base_url=url) as http:
+            assert http.get("/healthz").status_code == 200
+
+
 # --- versions -------------------------------------------------------------------------------------
 
 
