@@ -364,8 +364,8 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope.get("method", "")
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
+            self.metrics.requests.labels("rest", method, template, str(status)).inc()
+            self.metrics.latency.labels("rest", method, template).observe(time.perf_counter() - started)
 
 
 PREDICT_PATH = re.compile(

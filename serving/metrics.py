@@ -9,20 +9,22 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServingMetrics:
-    """Requests by route and status, latency, batch sizes, loaded version, feedback and event outcomes."""
+    """Requests by protocol, route and status, latency, batch sizes, loaded version, feedback and event
+    outcomes."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tfloop_requests",
-            "HTTP requests by route and status.",
-            ["method", "route", "status"],
+            "Requests by protocol (rest, grpc), route (gRPC: the full method name) and status (gRPC: the "
+            "status code's name).",
+            ["protocol", "method", "route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "tfloop_request_latency_seconds",
-            "HTTP request latency by route.",
-            ["method", "route"],
+            "Request latency by protocol and route.",
+            ["protocol", "method", "route"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

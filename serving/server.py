@@ -1,10 +1,13 @@
 """Run the serving app under uvicorn for one :class:`ServingSettings` (used by ``python -m serving`` and
-``tfloop serve``), with a Kubernetes-friendly drain on SIGTERM.
+``tfloop serve``), with TF Serving's gRPC API on ``grpc_port`` in the same process and event loop (it shares
+the app's model manager and batcher), and a Kubernetes-friendly drain on SIGTERM.
 
 SIGTERM: ``/readyz`` answers 503 at once while every request, new ones included, is still served for
 ``drain_s`` seconds (endpoints take a moment to drop the pod); then the server stops accepting connections,
 lets requests in progress finish for up to ``shutdown_timeout_s``, and the process exits 0. A second
-SIGTERM, or SIGINT (Ctrl-C), skips what is left of the drain.
+SIGTERM, or SIGINT (Ctrl-C), skips what is left of the drain. gRPC follows the same drain: its health service
+answers NOT_SERVING from the first SIGTERM, and at the end it refuses new calls and gives those in progress
+up to ``shutdown_timeout_s`` before the REST side shuts down.
 """
 
 from __future__ import annotations
@@ -20,22 +23,51 @@ from typing import TYPE_CHECKING
 from serving.settings import ServingSettings
 
 if TYPE_CHECKING:
+    import socket
+
     import uvicorn
+
+    from serving.grpc_api import GrpcFrontEnd
 
 logger = logging.getLogger(__name__)
 
 
 def draining_server(
-    config: uvicorn.Config, *, drain_s: float, on_drain: Callable[[], None]
+    config: uvicorn.Config,
+    *,
+    drain_s: float,
+    on_drain: Callable[[], None],
+    grpc: GrpcFrontEnd | None = None,
+    grpc_host: str = "0.0.0.0",
+    grpc_port: int = 0,
 ) -> uvicorn.Server:
     """A uvicorn server whose first SIGTERM starts a drain of ``drain_s`` seconds (``on_drain`` is called at
-    once) before uvicorn's graceful shutdown; the process then ends with status 0, not by the signal."""
+    once) before uvicorn's graceful shutdown; the process then ends with status 0, not by the signal. With
+    ``grpc``, that front end listens on ``grpc_host:grpc_port`` once the app has started (its batcher runs)
+    and stops before the app does; a gRPC port that cannot be bound stops the server (``exit_code`` 1)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def __init__(self) -> None:
             super().__init__(config)
             self.exit_at: float | None = None
+            self.exit_code = 0
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if grpc is None or self.should_exit or not self.started:
+                return
+            try:
+                await grpc.start(host=grpc_host, port=grpc_port)
+            except OSError as error:
+                logger.error("%s; free the port or choose another with --grpc-port (0: no gRPC)", error)
+                self.exit_code = 1
+                self.should_exit = True
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if grpc is not None:
+                await grpc.stop(grace_s=config.timeout_graceful_shutdown or 0)
+            await super().shutdown(sockets=sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if sig == signal.SIGTERM and self.exit_at is None and not self.should_exit:
@@ -59,9 +91,6 @@ def draining_server(
 def run_server(settings: ServingSettings) -> None:
     """Serve until SIGTERM (drained) or SIGINT. The model loads in the background; /readyz turns 200 once
     it is warm."""
-    import uvicorn
-
-    from serving.app import create_app
     from serving.model import configure_tensorflow_threads
 
     logging.basicConfig(
@@ -69,7 +98,26 @@ def run_server(settings: ServingSettings) -> None:
     )
     intra_op, inter_op = settings.tensorflow_threads()
     configure_tensorflow_threads(intra_op=intra_op, inter_op=inter_op)
+    server = build_server(settings)
+    server.run()
+    if getattr(server, "exit_code", 0):
+        raise SystemExit(server.exit_code)
+
+
+def build_server(settings: ServingSettings) -> uvicorn.Server:
+    """The app and, unless ``grpc_port`` is 0, its gRPC front end, under one draining uvicorn server (call
+    ``run()``; in a thread other than the main one it installs no signal handlers)."""
+    import uvicorn
+
+    from serving.app import create_app
+
     app = create_app(settings)
+    services = app.state.services
+    front = None
+    if settings.grpc_port:
+        from serving.grpc_api import GrpcFrontEnd
+
+        front = GrpcFrontEnd(services)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -77,4 +125,11 @@ def run_server(settings: ServingSettings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
-    draining_server(config, drain_s=settings.drain_s, on_drain=app.state.services.drain).run()
+    return draining_server(
+        config,
+        drain_s=settings.drain_s,
+        on_drain=services.drain,
+        grpc=front,
+        grpc_host=settings.host,
+        grpc_port=settings.grpc_port,
+    )

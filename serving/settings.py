@@ -47,6 +47,18 @@ class ServingSettings(BaseSettings):
     )
     host: str = Field(default="0.0.0.0", description="Interface to listen on.")
     port: int = Field(default=8501, ge=1, le=65535, description="HTTP port (TF Serving's REST port).")
+    grpc_port: int = Field(
+        default=8500,
+        ge=0,
+        le=65535,
+        description="gRPC port (TF Serving's gRPC API, in the same process as REST, sharing its batcher); "
+        "0 turns gRPC off.",
+    )
+    grpc_reflection: bool = Field(
+        default=True,
+        description="Offer gRPC server reflection (grpcurl and other tools list the services without the "
+        ".proto files); the services are TF Serving's public API.",
+    )
     poll_interval_s: float = Field(default=10.0, gt=0, description="How often to look for a new version.")
     retry_failed_after_s: float = Field(
         default=300.0, ge=0, description="How long a version that failed to load is left alone."

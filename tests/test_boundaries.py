@@ -32,6 +32,10 @@ SERVING_ALLOWED = {
     "httpx",
     "google",
     "anyio",
+    "grpc",  # grpcio: the gRPC front end
+    "grpc_health",  # grpcio-health-checking
+    "grpc_reflection",  # grpcio-reflection
+    "tensorflow_serving",  # tensorflow-serving-api: TF Serving's protos and stubs
 }
 
 
