@@ -172,7 +172,14 @@ def list_files(uri: str) -> list[str]:
     if not root.is_dir():
         return []
     with _local_errors(uri, "list"):
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        return sorted(
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not _is_temp(p)
+        )
+
+
+def _is_temp(path: Path) -> bool:
+    """A write in progress (or one a crash interrupted), named by :func:`_temp_beside`: never listed."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def list_dirs(uri: str) -> list[str]:

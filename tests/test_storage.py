@@ -42,6 +42,14 @@ def test_local_writes_are_readable_by_others(tmp_path: Path) -> None:
     assert (tmp_path / "other.bin").stat().st_mode & 0o044 == 0o044
 
 
+def test_a_write_interrupted_by_a_crash_is_not_listed(tmp_path: Path) -> None:
+    # A local write goes to ".<name>.<random>.tmp" beside its target and is renamed; a crash in between
+    # leaves that file behind, and readers of the listing (the feedback queue, retraining) must not see it.
+    storage.write_bytes(str(tmp_path / "q" / "whole.png"), b"whole")
+    (tmp_path / "q" / ".cut.png.k2j4x.tmp").write_bytes(b"ha")
+    assert storage.list_files(str(tmp_path)) == ["q/whole.png"]
+
+
 def test_write_if_absent_never_overwrites(root: str) -> None:
     target = storage.join(root, "q", "item.json")
     assert storage.write_if_absent(target, b"first") is True
