@@ -30,11 +30,17 @@ ROOTS = (
     "python-multipart",
     "httpx",
     "google-cloud-storage",
+    "grpcio",
+    "grpcio-health-checking",
+    "grpcio-reflection",
 )
+# TF Serving's protos and stubs for the gRPC API. Its wheel depends on the full `tensorflow` build, so it
+# is pinned apart from the lock (the Makefile's TFSA) and installed with --no-deps, as in the Makefile.
+NO_DEPS = ("tensorflow-serving-api",)
 # Declared by tensorflow-cpu (and its dependencies) but never imported when a SavedModel is loaded and
-# called: the Keras training stack, the C++ parser bindings, gRPC and build tools. Leaving them out keeps
+# called: the Keras training stack, the C++ parser bindings and build tools. Leaving them out keeps
 # the image under 1 GB; Dockerfile.serve installs with --no-deps and smoke-tests the imports instead.
-NOT_SERVED = ("keras", "h5py", "libclang", "grpcio", "setuptools", "wheel")
+NOT_SERVED = ("keras", "h5py", "libclang", "setuptools", "wheel")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -68,14 +74,26 @@ def closure(roots: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def makefile_pins(path: Path) -> dict[str, str]:
+    """Pins the Makefile installs with --no-deps (``TFSA := name==version``)."""
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        found = re.fullmatch(r"\w+\s*:?=\s*([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+        if found:
+            pins[normalize(found.group(1))] = found.group(2)
+    return pins
+
+
 def main() -> int:
     lock = read_lock(REPO / "requirements" / "lock.txt")
+    extra = makefile_pins(REPO / "Makefile")
     lines = [
         "# Serving image dependency set (Dockerfile.serve). Derived from requirements/lock.txt; regenerate:",
         "#   .venv/bin/python scripts/serving-requirements.py",
         f"# Roots: {', '.join(ROOTS)}. No training, prefect or mlflow.",
         "# Left out (declared by tensorflow-cpu, unused for serving; install with --no-deps):",
         f"#   {', '.join(NOT_SERVED)}.",
+        f"# Pinned by the Makefile, not the lock (the wheel wants full tensorflow): {', '.join(NO_DEPS)}.",
     ]
     for name, installed in sorted(closure(ROOTS).items()):
         version = lock.get(name)
@@ -86,8 +104,13 @@ def main() -> int:
             )
             return 1
         lines.append(f"{name}=={version}")
+    for name in NO_DEPS:
+        if name not in extra:
+            print(f"error: the Makefile pins no {name} (TFSA := {name}==VERSION)", file=sys.stderr)
+            return 1
+        lines.append(f"{name}=={extra[name]}")
     (REPO / "requirements" / "serving.txt").write_text("\n".join(lines) + "\n")
-    print(f"wrote requirements/serving.txt ({len(lines) - 5} pins)", file=sys.stderr)
+    print(f"wrote requirements/serving.txt ({len(lines) - 6} pins)", file=sys.stderr)
     return 0
 
 

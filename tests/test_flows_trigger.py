@@ -298,6 +298,7 @@ def test_threshold_of_corrections_starts_exactly_one_retraining_run(
         TFLOOP_SERVE_CACHE_DIR=str(tmp_path / "serving-cache"),
         TFLOOP_SERVE_HOST="127.0.0.1",
         TFLOOP_SERVE_PORT=str(port),
+        TFLOOP_SERVE_GRPC_PORT="0",
         TFLOOP_SERVE_PREFECT_API_URL=api_url,
     )
     serving = _start([sys.executable, "-m", "serving"], env=serving_env, log=serving_log)

@@ -55,6 +55,9 @@ def test_serving_requirements_are_pinned_from_the_lock_and_carry_no_training_sta
         "google-cloud-storage",
         "prometheus-client",
     } <= set(serving)
+    # TF Serving's protos: pinned by the Makefile (installed with --no-deps), not by the lock
+    makefile = (REPO / "Makefile").read_text()
+    assert f"TFSA := tensorflow-serving-api=={serving.pop('tensorflow-serving-api')}" in makefile
     mismatched = {
         name: (version, lock.get(name)) for name, version in serving.items() if lock.get(name) != version
     }

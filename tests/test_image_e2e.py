@@ -251,6 +251,7 @@ def test_serving_image_builds_serves_and_pushes(store_and_bases, registry, expor
                 [
                     *("buildah", *store_options(store), "run", "--isolation", "chroot"),
                     *("--env", f"TFLOOP_SERVE_PORT={port}", "--env", "TFLOOP_SERVE_HOST=127.0.0.1"),
+                    *("--env", f"TFLOOP_SERVE_GRPC_PORT={free_port()}"),
                     *(container, "--", *entrypoint),
                 ],
                 stdout=server_log,

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -355,3 +359,51 @@ def test_not_loaded_is_unavailable(tmp_path: Path) -> None:
         assert code == grpc.StatusCode.UNAVAILABLE and "no version loaded" in message
         check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_module_process_drains_grpc_on_sigterm(tmp_path: Path, exported_model: Path) -> None:
+    """``python -m serving`` with TFLOOP_SERVE_GRPC_PORT: on SIGTERM health turns NOT_SERVING while calls
+    are still answered, then the process exits 0; a second process on the same gRPC port exits 1."""
+    base = str(tmp_path / "models")
+    publish(exported_model, base)
+    port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TFLOOP_SERVE_")}
+    env.update(
+        TF_CPP_MIN_LOG_LEVEL="2",
+        TFLOOP_SERVE_MODEL_BASE=base,
+        TFLOOP_SERVE_MODEL_NAME=NAME,
+        TFLOOP_SERVE_FEEDBACK_URI=str(tmp_path / "feedback"),
+        TFLOOP_SERVE_CACHE_DIR=str(tmp_path / "cache"),
+        TFLOOP_SERVE_HOST="127.0.0.1",
+        TFLOOP_SERVE_PORT=str(port),
+        TFLOOP_SERVE_GRPC_PORT=str(grpc_port),
+        TFLOOP_SERVE_DRAIN_S="3",
+    )
+    process = test_serving.start_process([sys.executable, "-m", "serving"], env, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+            clash = subprocess.run(
+                [sys.executable, "-m", "serving"],
+                env={**env, "TFLOOP_SERVE_PORT": str(free_port())},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert clash.returncode == 1
+            assert "gRPC" in clash.stderr and "--grpc-port" in clash.stderr, clash.stderr[-2000:]
+            assert "Traceback" not in clash.stderr
+
+            process.send_signal(signal.SIGTERM)
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert answer == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert predict(ch, image_request([image_bytes(1)])).model_spec.version.value == 1
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -84,6 +84,7 @@ def serving_env(**values: str) -> dict[str, str]:
     }
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.update({f"TFLOOP_SERVE_{key.upper()}": value for key, value in values.items()})
+    env.setdefault("TFLOOP_SERVE_GRPC_PORT", "0")  # replicas side by side: REST only
     return env
 
 
