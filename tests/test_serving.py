@@ -406,13 +406,19 @@ def test_feedback_emits_prefect_event_and_survives_outage(model_base: str, tmp_p
         "tfloop.model": NAME,
     }
 
-    dead = f"http://127.0.0.1:{free_port()}/api"
-    with client(settings_for(model_base, tmp_path / "second", prefect_api_url=dead)) as api:
+    # A Prefect API that takes connections and never answers: the post is answered while its event is still
+    # pending (neither sent nor failed yet); the event fails once that API goes away.
+    import socket
+
+    hung = socket.create_server(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{hung.getsockname()[1]}/api"
+    settings = settings_for(model_base, tmp_path / "second", prefect_api_url=dead, event_timeout_s=60)
+    with client(settings) as api:
         files = {"file": ("x.png", image_bytes(4), "image/png")}
-        started = time.perf_counter()
         assert api.post("/feedback", data={"label": "dog"}, files=files).status_code == 202
-        assert time.perf_counter() - started < 2
-        deadline = time.monotonic() + 10
+        assert "tfloop_prefect_events_total{" not in api.get("/metrics").text
+        hung.close()  # the connection waiting in its backlog is reset
+        deadline = time.monotonic() + 30
         while 'tfloop_prefect_events_total{result="failed"} 1.0' not in api.get("/metrics").text:
             assert time.monotonic() < deadline, "the failed event was not counted"
             time.sleep(0.1)
