@@ -119,6 +119,7 @@ def config_map(spec: ServingSpec, settings: ServingSettings | None = None) -> Ob
         "TFLOOP_SERVE_CACHE_DIR": f"{CACHE_DIR}/models",
         FEEDBACK_URI_KEY: settings.effective_feedback_uri(),
         "TFLOOP_SERVE_PORT": str(spec.port),
+        "TFLOOP_SERVE_GRPC_PORT": str(spec.grpc_port),
         "TFLOOP_SERVE_LOG_LEVEL": "info",
         DRAIN_KEY: str(spec.drain_s),
         SHUTDOWN_TIMEOUT_KEY: str(spec.shutdown_timeout_s),
@@ -153,16 +154,26 @@ def serving_env(target: DeployTarget, settings: ServingSettings) -> list[Obj]:
 
 
 def service(spec: ServingSpec) -> Obj:
+    ports: list[Obj] = [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}]
+    if spec.grpc_port:
+        # appProtocol lets HTTP/2-aware load balancers and meshes balance each call, not each connection
+        # (a gRPC channel keeps one connection open)
+        grpc = {"name": "grpc", "port": spec.grpc_port, "targetPort": "grpc", "protocol": "TCP"}
+        ports.append({**grpc, "appProtocol": "grpc"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(spec),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(spec),
-            "ports": [{"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"}],
-        },
+        "spec": {"type": "ClusterIP", "selector": selector_labels(spec), "ports": ports},
     }
+
+
+def container_ports(spec: ServingSpec) -> list[Obj]:
+    """The serving container's ports: ``http`` (REST) and, unless ``grpc_port`` is 0, ``grpc``."""
+    ports: list[Obj] = [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}]
+    if spec.grpc_port:
+        ports.append({"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"})
+    return ports
 
 
 def _probe(path: str, *, period_s: int, failure_threshold: int, timeout_s: int = 2) -> Obj:
@@ -245,7 +256,7 @@ def deployment(spec: ServingSpec, *, target: DeployTarget, settings: ServingSett
                             "name": SERVING_CONTAINER,
                             "image": target.reference,
                             "imagePullPolicy": "IfNotPresent",
-                            "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+                            "ports": container_ports(spec),
                             "envFrom": [{"configMapRef": {"name": config_map_name(spec)}}],
                             "env": serving_env(target, settings),
                             "resources": {
@@ -317,7 +328,7 @@ def pod_disruption_budget(spec: ServingSpec) -> Obj:
 
 
 def network_policy(spec: ServingSpec) -> Obj:
-    """Optional: only the serving port is reachable; egress stays open (GCS, Prefect events)."""
+    """Optional: only the serving ports (REST, gRPC) are reachable; egress stays open (GCS, Prefect)."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -325,7 +336,13 @@ def network_policy(spec: ServingSpec) -> Obj:
         "spec": {
             "podSelector": {"matchLabels": selector_labels(spec)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"port": spec.port, "protocol": "TCP"}]}],
+            "ingress": [
+                {
+                    "ports": [
+                        {"port": port["containerPort"], "protocol": "TCP"} for port in container_ports(spec)
+                    ]
+                }
+            ],
         },
     }
 

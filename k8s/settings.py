@@ -74,6 +74,7 @@ class ServingSpec:
     app_name: str = "tfloop-serving"
     replicas: int = 2
     port: int = 8501
+    grpc_port: int = 8500  # TF Serving's gRPC API (container port ``grpc``); 0: REST only
     max_surge: int = 1
     revision_history_limit: int = 5
     progress_deadline_s: int = 600

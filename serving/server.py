@@ -6,8 +6,8 @@ SIGTERM: ``/readyz`` answers 503 at once while every request, new ones included,
 ``drain_s`` seconds (endpoints take a moment to drop the pod); then the server stops accepting connections,
 lets requests in progress finish for up to ``shutdown_timeout_s``, and the process exits 0. A second
 SIGTERM, or SIGINT (Ctrl-C), skips what is left of the drain. gRPC follows the same drain: its health service
-answers NOT_SERVING from the first SIGTERM, and at the end it refuses new calls and gives those in progress
-up to ``shutdown_timeout_s`` before the REST side shuts down.
+answers NOT_SERVING from the first SIGTERM, and at the end it refuses new calls and lets those in progress
+finish before the REST side shuts down, both within the one ``shutdown_timeout_s``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,13 @@ def draining_server(
                 self.should_exit = True
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            if grpc is not None:
-                await grpc.stop(grace_s=config.timeout_graceful_shutdown or 0)
+            if grpc is not None:  # one shutdown timeout for both: REST gets what gRPC left of it
+                budget = config.timeout_graceful_shutdown
+                started = time.monotonic()
+                await grpc.stop(grace_s=budget if budget is not None else 24 * 3600.0)
+                if budget is not None:
+                    spent = time.monotonic() - started
+                    config.timeout_graceful_shutdown = max(0, math.floor(budget - spent))
             await super().shutdown(sockets=sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
