@@ -13,7 +13,6 @@ import difflib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from importlib import resources
 from typing import Any
 
 import yaml
@@ -570,32 +569,6 @@ def prefect_gpu_job_template(
 # ---- editors ------------------------------------------------------------------------------------------
 
 
-def point_at(deployment_obj: Obj, *, target: DeployTarget) -> Obj:
-    """A copy of a Deployment that runs ``target`` (image, model labels and annotations, version pin)."""
-    result = copy.deepcopy(deployment_obj)
-    metadata = result.setdefault("metadata", {})
-    metadata.setdefault("labels", {}).update(model_labels(target))
-    metadata.setdefault("annotations", {}).update(
-        {**model_annotations(target), CHANGE_CAUSE_ANNOTATION: change_cause(target)}
-    )
-    template = result["spec"]["template"]
-    template.setdefault("metadata", {}).setdefault("labels", {}).update(model_labels(target))
-    template["metadata"].setdefault("annotations", {}).update(model_annotations(target))
-    container = serving_container(result)
-    container["image"] = target.reference
-    env = [
-        item
-        for item in container.get("env", [])
-        if item.get("name") not in {MODEL_NAME_ENV, VERSION_POLICY_ENV}
-    ]
-    container["env"] = [
-        {"name": MODEL_NAME_ENV, "value": target.model_name},
-        {"name": VERSION_POLICY_ENV, "value": str(target.version)},
-        *env,
-    ]
-    return result
-
-
 def live_serving_settings(
     *,
     config_map_obj: Mapping[str, Any] | None,
@@ -871,13 +844,3 @@ def diff_objects(live: Mapping[str, Any] | None, desired: Mapping[str, Any], *, 
 
 def to_yaml(obj: Any) -> str:
     return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
-
-
-def packaged_manifests() -> dict[str, list[Obj]]:
-    """Every YAML file under ``k8s/manifests`` (file name -> its documents), as shipped in the package."""
-    folder = resources.files("k8s") / "manifests"
-    found: dict[str, list[Obj]] = {}
-    for entry in sorted(folder.iterdir(), key=lambda item: item.name):
-        if entry.name.endswith(".yaml"):
-            found[entry.name] = [doc for doc in yaml.safe_load_all(entry.read_text()) if doc]
-    return found
