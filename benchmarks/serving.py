@@ -1,6 +1,8 @@
 """Serving benchmark: requests/s and p50/p99 latency of the tfloop server at concurrency 1, 8 and 32,
 beside the same SavedModel called in-process at its best batch size (the ceiling on this machine) and
-beside a naive server that runs one model call per request. Writes its section of BENCHMARKS.md.
+beside a naive server that runs one model call per request, and TF Serving's gRPC API of the same server
+process (``Predict`` with the image bytes, driven by an asyncio gRPC client in its own process) beside REST.
+Writes its section of BENCHMARKS.md.
 
 Usage: ``python benchmarks/serving.py [--seconds 8] [--rounds 7] [--model-base DIR --model-name NAME]``
 (``make bench`` installs wrk first, the load generator it prefers; without it a Python client drives the
@@ -279,6 +281,85 @@ async def python_load(url: str, bodies: list[bytes], concurrency: int, seconds: 
     }
 
 
+def grpc_request(name: str, image: bytes) -> bytes:
+    """A serialized TF Serving ``PredictRequest``: one image as ``image_bytes`` of ``serving_default``."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.inputs["image_bytes"].CopyFrom(
+        tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
+            ),
+            string_val=[image],
+        )
+    )
+    return request.SerializeToString()
+
+
+PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
+
+
+async def grpc_load_async(
+    target: str, requests: list[bytes], concurrency: int, seconds: float
+) -> dict[str, float]:
+    """``concurrency`` callers on one channel (as a TF Serving client shares one), pre-serialized requests."""
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        predict = channel.unary_unary(PREDICT_METHOD)  # bytes in, bytes out: the client's CPU stays small
+        await asyncio.gather(*(predict(requests[i % len(requests)], timeout=30) for i in range(concurrency)))
+        deadline = time.perf_counter() + seconds
+
+        async def caller(index: int) -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    await predict(requests[index % len(requests)], timeout=30)
+                    latencies.append(time.perf_counter() - started)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                index += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "errors": errors,
+    }
+
+
+def grpc_load(target: str, requests: Path, concurrency: int, seconds: float) -> dict[str, float]:
+    """gRPC load from a separate process (its own GIL and event loop); its JSON result."""
+    command = [
+        sys.executable,
+        __file__,
+        "--grpc-load",
+        target,
+        str(requests),
+        str(concurrency),
+        f"{seconds:g}",
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def run_grpc_load(target: str, requests_file: str, concurrency: str, seconds: str) -> None:
+    requests = json.loads(Path(requests_file).read_text())
+    bodies = [base64.b64decode(item) for item in requests]
+    print(json.dumps(asyncio.run(grpc_load_async(target, bodies, int(concurrency), float(seconds)))))
+
+
 def batch_stats(metrics_url: str) -> tuple[float, float]:
     """(model calls, images) so far, from the server's batch-size histogram."""
     import httpx
@@ -354,6 +435,33 @@ def levels(url: str, bodies: list[bytes], seconds: float, scratch: Path) -> dict
     return results
 
 
+def grpc_levels(target: str, requests: Path, seconds: float) -> dict[int, dict[str, float]]:
+    results = {}
+    for concurrency in CONCURRENCY:
+        grpc_load(target, requests, concurrency, 1)  # warm the channel and batches
+        results[concurrency] = grpc_load(target, requests, concurrency, seconds)
+        print(f"  gRPC concurrency {concurrency}: {results[concurrency]}", file=sys.stderr)
+    return results
+
+
+def interleaved_grpc_single(target: str, requests: list[bytes], model: InProcess, count: int) -> float:
+    """p50 seconds of a gRPC Predict at concurrency 1, taken in turn with in-process calls (whose p50
+    :func:`interleaved_single` reports)."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        predict = channel.unary_unary(PREDICT_METHOD)
+        for index in range(10):
+            predict(requests[index % len(requests)], timeout=30)
+        served = []
+        for index in range(count):
+            model.single(index)
+            started = time.perf_counter()
+            predict(requests[index % len(requests)], timeout=30)
+            served.append(time.perf_counter() - started)
+    return statistics.median(served)
+
+
 def interleaved_single(url: str, bodies: list[bytes], model: InProcess, count: int) -> tuple[float, float]:
     """p50 seconds of (in-process call, HTTP request at concurrency 1), taken turn about so both see the
     same machine: a noisy neighbour slows both alike."""
@@ -386,10 +494,10 @@ def interleaved_single(url: str, bodies: list[bytes], model: InProcess, count: i
 
 def alternate(
     measure_ceiling: Callable[[], tuple[float, float]],
-    measure_server: Callable[[], tuple[float, float]],
+    measure_server: Callable[[], tuple[float, float, float]],
     rounds: int,
-) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-    """(ceilings, (server req/s, mean batch)) pairs, measured in turn ``rounds`` times."""
+) -> list[tuple[tuple[float, float], tuple[float, float, float]]]:
+    """(ceilings, (server req/s, mean batch, gRPC req/s)) pairs, measured in turn ``rounds`` times."""
     pairs = []
     for round_index in range(rounds):
         pair = (measure_ceiling(), measure_server())
@@ -424,7 +532,11 @@ def main() -> None:
     parser.add_argument(
         "--naive-server", nargs=3, metavar=("PORT", "VERSION_DIR", "NAME"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--grpc-load", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.grpc_load:
+        run_grpc_load(*args.grpc_load)
+        return
     from serving.model import configure_tensorflow_threads
     from serving.settings import ServingSettings
     from storage import versions
@@ -459,13 +571,18 @@ def main() -> None:
         sweep = {b: model.throughput(b, seconds=2) for b in BATCH_SIZES}
         print(f"  one call at a time: {sweep}", file=sys.stderr)
 
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
+        grpc_target = f"127.0.0.1:{grpc_port}"
+        grpc_requests = [grpc_request(name, image) for image in images]
+        grpc_file = scratch / "grpc-requests.json"
+        grpc_file.write_text(json.dumps([base64.b64encode(r).decode() for r in grpc_requests]))
         env = {
             **os.environ,
             "TFLOOP_SERVE_MODEL_BASE": base,
             "TFLOOP_SERVE_MODEL_NAME": name,
             "TFLOOP_SERVE_FEEDBACK_URI": str(scratch / "feedback"),
             "TFLOOP_SERVE_PORT": str(port),
+            "TFLOOP_SERVE_GRPC_PORT": str(grpc_port),
             "TFLOOP_SERVE_HOST": "127.0.0.1",
             "TFLOOP_SERVE_LOG_LEVEL": "warning",
         }
@@ -474,13 +591,16 @@ def main() -> None:
         print("tfloop server ...", file=sys.stderr)
         with running([sys.executable, "-m", "serving"], env, f"http://127.0.0.1:{port}/readyz"):
             served = levels(predict_url, bodies, args.seconds, scratch)
+            served_grpc = grpc_levels(grpc_target, grpc_file, args.seconds)
             direct_single, served_single = interleaved_single(predict_url, bodies, model, args.singles)
+            grpc_single = interleaved_grpc_single(grpc_target, grpc_requests, model, args.singles)
 
-            def server_block() -> tuple[float, float]:
+            def server_block() -> tuple[float, float, float]:
                 calls, images_before = batch_stats(metrics_url)
                 rps = load(predict_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
                 calls_after, images_after = batch_stats(metrics_url)
-                return rps, (images_after - images_before) / max(1.0, calls_after - calls)
+                grpc_rps = grpc_load(grpc_target, grpc_file, IN_FLIGHT, args.round_seconds)["rps"]
+                return rps, (images_after - images_before) / max(1.0, calls_after - calls), grpc_rps
 
             rounds = alternate(
                 lambda: model.ceilings(in_flight=IN_FLIGHT, streams=workers, seconds=args.round_seconds),
@@ -511,9 +631,11 @@ def main() -> None:
             ),
             sweep=sweep,
             served=served,
+            served_grpc=served_grpc,
             naive=naive,
             rounds=rounds,
             single=(direct_single, served_single),
+            grpc_single=grpc_single,
         )
     )
 
@@ -528,16 +650,25 @@ def report(
     server_summary: str,
     sweep: dict[int, float],
     served: dict[int, dict[str, float]],
+    served_grpc: dict[int, dict[str, float]],
     naive: dict[int, dict[str, float]],
-    rounds: list[tuple[tuple[float, float], tuple[float, float]]],
+    rounds: list[tuple[tuple[float, float], tuple[float, float, float]]],
     single: tuple[float, float],
+    grpc_single: float,
 ) -> str:
-    ratio_one = statistics.median(server / ceilings[0] for ceilings, (server, _) in rounds)
-    ratio_best = statistics.median(server / max(ceilings) for ceilings, (server, _) in rounds)
+    ratio_one = statistics.median(server / ceilings[0] for ceilings, (server, *_) in rounds)
+    ratio_best = statistics.median(server / max(ceilings) for ceilings, (server, *_) in rounds)
     ceiling_one = statistics.median(ceilings[0] for ceilings, _ in rounds)
     ceiling_many = statistics.median(ceilings[1] for ceilings, _ in rounds)
-    server_32 = statistics.median(server for _, (server, _) in rounds)
+    server_32 = statistics.median(server for _, (server, *_) in rounds)
+    grpc_ratio = statistics.median(grpc / max(ceilings) for ceilings, (_, _, grpc) in rounds)
+    grpc_32 = statistics.median(grpc for _, (_, _, grpc) in rounds)
     p50_gap = (single[1] - single[0]) * 1000
+    grpc_gap = (grpc_single - single[0]) * 1000
+    grpc_rows = "\n".join(
+        f"| {c} | {g['rps']:.1f} | {g['p50_ms']:.1f} | {g['p99_ms']:.1f} | {g['errors']:.0f} |"
+        for c, g in served_grpc.items()
+    )
     ahead = all(served[c]["rps"] > naive[c]["rps"] for c in (8, 32))
     rows = "\n".join(
         f"| {c} | {served[c]['rps']:.1f} | {served[c]['p50_ms']:.1f} | {served[c]['p99_ms']:.1f} | "
@@ -548,12 +679,13 @@ def report(
     split = f"{workers} x {IN_FLIGHT // workers}"
     round_rows = "\n".join(
         f"| {i + 1} | {one:.1f} | {many:.1f} | {server:.1f} | {batch:.1f} | {server / one:.2f} | "
-        f"{server / max(one, many):.2f} |"
-        for i, ((one, many), (server, batch)) in enumerate(rounds)
+        f"{server / max(one, many):.2f} | {grpc:.1f} | {grpc / max(one, many):.2f} |"
+        for i, ((one, many), (server, batch, grpc)) in enumerate(rounds)
     )
     round_header = (
         f"| round | ceiling, one call (img/s) | ceiling, {split} (img/s) "
-        f"| server c={IN_FLIGHT} (req/s) | mean batch | ratio to one call | ratio to the faster |"
+        f"| server c={IN_FLIGHT} (req/s) | mean batch | ratio to one call | ratio to the faster "
+        f"| gRPC c={IN_FLIGHT} (req/s) | gRPC ratio to the faster |"
     )
     home = f"TFLOOP_HOME={os.environ['TFLOOP_HOME']} " if os.environ.get("TFLOOP_HOME") else ""
     command = home + " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
@@ -584,11 +716,20 @@ load), and one call at a time at its best batch size (the faster of batch {small
 headline ratio is against that faster ceiling; the ratio to one call alone is shown beside it.
 
 {round_header}
-| --- | --- | --- | --- | --- | --- | --- |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {round_rows}
 
+gRPC (`tensorflow.serving.PredictionService/Predict`, one JPEG as `image_bytes` of `serving_default`, the
+same server process and batcher), driven by an asyncio gRPC client in its own process, all callers on one
+channel:
+
+| concurrency | gRPC req/s | p50 ms | p99 ms | errors |
+| --- | --- | --- | --- | --- |
+{grpc_rows}
+
 Concurrency 1, one in-process call and one HTTP request taken in turn ({args.singles} of each): p50
-{single[0] * 1000:.1f} ms in-process, {single[1] * 1000:.1f} ms through the server.
+{single[0] * 1000:.1f} ms in-process, {single[1] * 1000:.1f} ms through the server; the same with gRPC
+Predict calls: {grpc_single * 1000:.1f} ms.
 
 Targets:
 - concurrency {IN_FLIGHT} at >= 0.85 of the ceiling (median of the rounds): **{ratio_best:.2f}**
@@ -597,7 +738,11 @@ Targets:
   ({ceiling_one:.0f} img/s), the looser reading;
 - p50 at concurrency 1 within 5 ms of an in-process single call: **{p50_gap:+.1f} ms**
   ({"met" if p50_gap <= 5 else "MISSED"});
-- ahead of the naive server at concurrency 8 and 32: **{"yes" if ahead else "NO"}**.
+- ahead of the naive server at concurrency 8 and 32: **{"yes" if ahead else "NO"}**;
+- gRPC at concurrency {IN_FLIGHT} at >= 0.9 of the faster ceiling: **{grpc_ratio:.2f}**
+  ({"met" if grpc_ratio >= 0.9 else "MISSED"}; {grpc_32:.0f} req/s);
+- gRPC p50 at concurrency 1 within 2 ms of an in-process single call: **{grpc_gap:+.1f} ms**
+  ({"met" if grpc_gap <= 2 else "MISSED"}).
 """
 
 

@@ -29,8 +29,10 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_service_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_service_pb2,
     prediction_service_pb2_grpc,
 )
 
@@ -50,8 +52,10 @@ from serving.model import DEFAULT_SIGNATURE, Prediction, ServedModel
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
-MODEL_SERVICE = "tensorflow.serving.ModelService"
+# From the descriptor modules: importing them registers the descriptors reflection serves (the *_grpc stub
+# modules alone do not)
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 HEALTH_SERVICE = "grpc.health.v1.Health"
 IMAGES_SIGNATURE = "predict_images"
 IMAGES_INPUT = "images"

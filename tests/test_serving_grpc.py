@@ -407,3 +407,17 @@ def test_module_process_drains_grpc_on_sigterm(tmp_path: Path, exported_model: P
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_reflection_lists_tf_serving_services(channel: grpc.Channel) -> None:
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(channel)
+    assert {
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+        "grpc.health.v1.Health",
+    } <= set(database.get_services())
+    service = DescriptorPool(database).FindServiceByName("tensorflow.serving.PredictionService")
+    assert {"Predict", "Classify", "GetModelMetadata"} <= {method.name for method in service.methods}
