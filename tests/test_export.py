@@ -516,8 +516,8 @@ def test_fallback_decode_matches_training_decode():
     import tensorflow as tf
 
     from export.savedmodel import _decode_image_copy
+    from training import data as training_data
 
-    training_data = pytest.importorskip("training.data")
     images = [
         encode(sample_pixels(21, height=48, width=40), "PNG"),
         encode(sample_pixels(22, height=20, width=24), "JPEG"),
@@ -560,8 +560,8 @@ def test_saved_model_loads_without_keras(model, exported, tmp_path):
 
 @pytest.mark.slow
 def test_real_backbone_exports_verifies_and_serves_without_keras(tmp_path):
-    models = pytest.importorskip("training.models")
     from export.api import export_model
+    from training import models
 
     keras_model = models.build_model("mobilenet_v2", 3, image_size=SIZE, weights="none")
     result = export_model(

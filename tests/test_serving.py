@@ -29,6 +29,7 @@ import storage
 from serving.app import create_app
 from serving.settings import ServingSettings
 from tests.conftest import free_port
+from tests.tools import missing_tool
 
 pytestmark = pytest.mark.slow
 
@@ -750,9 +751,10 @@ CHROMIUM_ARGS = [
 
 def test_upload_page_in_chromium(model_base: str, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
-        pytest.skip(
-            f"!!! SKIPPED: {CHROMIUM} is missing, so the upload page was NOT tested in a browser. "
-            "Install it with `apt-get install chromium` (make system-deps) !!!"
+        missing_tool(
+            CHROMIUM,
+            why="the upload page cannot be tested in a browser",
+            how="install it with `apt-get install chromium` (make system-deps)",
         )
     from playwright.sync_api import sync_playwright
 
