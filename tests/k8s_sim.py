@@ -12,8 +12,13 @@ patch; it runs no controllers. This module adds, honestly and only as far as tfl
   declare by itself (ReplicaSets, Secrets, ``coordination.k8s.io/v1`` Leases, ...). Gaps that stay: no
   strategic-merge or server-side-apply patches (tfloop sends JSON merge patches, which both kmock and
   real servers understand), no PUT, no field/label selectors on the server side (tfloop filters lists
-  itself as well), no websockets (port-forward is only covered by the opt-in real-cluster test), and the
-  resourceVersion check and the store are two steps (a real server does both atomically).
+  itself as well), and the resourceVersion check and the store are two steps (a real server does both
+  atomically). ``pods/NAME/portforward`` is served as a real websocket upgrade in the v4 channel protocol
+  that the official client speaks; what it relays to is a loopback listener the test names for the pod
+  (``pod_listener``), not a container.
+* a registry of built images (:meth:`RunningCluster.build_image`): which model version each image
+  carries, so a test's stand-in for the serving pods answers from the image rolled out, not from the
+  labels tfloop wrote.
 * :class:`SimulatedDeploymentController`, an asyncio task on the emulator's loop that plays the
   Deployment and ReplicaSet controllers and the kubelet: ReplicaSets per pod template with
   ``pod-template-hash`` and ``deployment.kubernetes.io/revision`` (an old ReplicaSet is reused, with a
@@ -72,6 +77,8 @@ VERBS = {
     kmock.action.DELETE: "delete",
 }
 NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces/(?P<name>[^/]+)$")
+PORTFORWARD_PATH = re.compile(r"^/api/v1/namespaces/(?P<namespace>[^/]+)/pods/(?P<name>[^/]+)/portforward$")
+PORTFORWARD_PROTOCOL = "v4.channel.k8s.io"
 DEPLOYMENTS = kmock.resource("apps/v1/deployments")
 REPLICASETS = kmock.resource("apps/v1/replicasets")
 PODS = kmock.resource("v1/pods")
@@ -108,6 +115,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.namespaces: set[str] = {"default"}
         self.forbidden: set[tuple[str, str]] = set()
         self._versions = itertools.count(1)
+        # Where a pod's container port listens: (pod name, port) -> a loopback (host, port) that plays it.
+        self.pod_listener: Callable[[str, int], tuple[str, int]] | None = None
         for key, (kind, namespaced) in RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, verbs={"get", "list", "create", "patch", "delete"}
@@ -115,6 +124,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         path = request.url.path
+        forward = PORTFORWARD_PATH.match(path)
+        if forward and request.method == "GET":
+            return await self._port_forward(request, forward["namespace"], forward["name"])
         namespace_match = NAMESPACE_PATH.match(path)
         if namespace_match and request.method == "GET":
             name = namespace_match["name"]
@@ -150,6 +162,43 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     return conflict
                 await self._server_side_fields(request)
         return await super()._handle(request)
+
+    async def _port_forward(self, request: Any, namespace: str, name: str) -> aiohttp.web.StreamResponse:
+        """``pods/NAME/portforward`` as the API server and kubelet serve it: a websocket upgrade speaking
+        the v4 channel protocol (per port a data and an error channel, each first sent the port number as
+        two little-endian bytes; every frame starts with its channel byte), relayed to the TCP listener
+        that ``pod_listener`` names for the pod (a loopback server playing that pod's container)."""
+        raw = request._raw_request
+        port = int(raw.query.get("ports", "0"))
+        if (PODS, namespace, name) not in self.objects or self.objects[PODS, namespace, name].deleted:
+            return _status(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+        if self.pod_listener is None:
+            return _status(500, "InternalError", "no listener plays this pod's port", {"name": name})
+        host, listener_port = self.pod_listener(name, port)
+        socket = aiohttp.web.WebSocketResponse(protocols=(PORTFORWARD_PROTOCOL,))
+        await socket.prepare(raw)
+        number = bytes((port & 0xFF, port >> 8))
+        await socket.send_bytes(b"\x00" + number)
+        await socket.send_bytes(b"\x01" + number)
+        reader, writer = await asyncio.open_connection(host, listener_port)
+
+        async def to_pod() -> None:
+            async for message in socket:
+                if message.type == aiohttp.WSMsgType.BINARY and message.data[:1] == b"\x00":
+                    writer.write(message.data[1:])
+                    await writer.drain()
+            writer.close()
+
+        async def from_pod() -> None:
+            while data := await reader.read(65536):
+                await socket.send_bytes(b"\x00" + data)
+            await socket.close()
+
+        try:
+            await asyncio.gather(to_pod(), from_pod())
+        except (ConnectionError, aiohttp.ClientError):
+            await socket.close()
+        return socket
 
     def _forbidden(
         self, verb: str, plural: str, name: str | None, namespace: str | None
@@ -643,6 +692,18 @@ class RunningCluster:
         self.url = ""
         self.kubeconfig: Path | None = None
         self._task: asyncio.Task[None] | None = None
+        # The images a test built, and the model version each carries: what its pods serve.
+        self.images: dict[str, int] = {}
+
+    def build_image(self, reference: str, *, carries: int) -> None:
+        """Record that ``reference`` (name:tag, or name@digest) was built with model version ``carries``."""
+        self.images[reference] = carries
+
+    def version_in(self, image: str) -> int | None:
+        """The model version an image carries (a digest reference resolves by its name:tag), or None."""
+        if image in self.images:
+            return self.images[image]
+        return self.images.get(image.split("@", 1)[0])
 
     def start(self) -> RunningCluster:
         self.thread.start()

@@ -7,8 +7,9 @@ pods that become ready, crash-loop, fail to pull (``ErrImagePull``, zero restart
 rollbacks of every changed object, serving settings that persist across deploys, the pod-local feedback
 refusal, images by digest, the rollout Lease, and ``tfloop deploy`` itself. Known gaps of the emulator, all
 documented in tests/k8s_sim.py: JSON merge patches only (tfloop sends nothing else), no server-side
-selectors (tfloop filters lists itself too), no port-forward websockets (the smoke test gets a local URL
-instead; the real port-forward is covered by the opt-in cluster test in tests/test_k8s_cluster.py).
+selectors (tfloop filters lists itself too). The serving pods are played by loopback HTTP servers that answer
+for the model version their pod's image carries (the test says what each image it built carries); the smoke
+test reaches them by a given URL or through the emulator's websocket ``pods/portforward``.
 """
 
 from __future__ import annotations
@@ -71,13 +72,25 @@ def target(version: int, *, run_id: str | None = None) -> DeployTarget:
 
 
 class FakeServing:
-    """Answers like the serving API for whatever model versions the ready pods behind the Service run."""
+    """Answers like the serving API, for the model versions that the images of the ready pods carry.
+
+    What a pod serves comes from its image (``RunningCluster.build_image``: the test says which version
+    each image it built carries), never from the version labels tfloop wrote. ``url`` answers for every
+    ready pod behind the Service; ``pod_listener`` gives each pod its own loopback server answering for
+    that pod alone, which the emulator's ``pods/portforward`` relays to.
+    """
 
     def __init__(self, cluster: RunningCluster) -> None:
         self.cluster = cluster
         self.override_versions: list[str] | None = None
         self.version_routes = True
         self.requests: list[str] = []
+        self.servers: list[ThreadingHTTPServer] = []
+        self.pod_servers: dict[str, tuple[str, int]] = {}
+        self.url = self._serve(pod=None)
+        cluster.emulator.pod_listener = self.pod_listener
+
+    def _serve(self, *, pod: str | None) -> str:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,17 +110,17 @@ class FakeServing:
                 match = re.match(r"^/v1/models/[^/:]+/versions/(\d+)", self.path)
                 if match is None:
                     return None
-                if not owner.version_routes or match[1] not in owner.versions():
+                if not owner.version_routes or match[1] not in owner.versions(pod=pod):
                     self._send(404, {"error": f"Servable not found for request: Specific(m, {match[1]})"})
                     return False
                 return match[1]
 
             def do_GET(self):
-                owner.requests.append(f"GET {self.path}")
+                owner.requests.append(f"GET {self.path}" + (f" via {pod}" if pod else ""))
                 pinned = self._version_route()
                 if pinned is False:
                     return
-                versions = [pinned] if pinned else owner.versions()
+                versions = [pinned] if pinned else owner.versions(pod=pod)
                 self._send(
                     200,
                     {
@@ -129,31 +142,41 @@ class FakeServing:
                     return
                 self._send(200, {"predictions": [{"classes": ["cat"], "scores": [0.9]}]})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}"
 
-    def versions(self) -> list[str]:
+    def pod_listener(self, pod: str, _port: int) -> tuple[str, int]:
+        """The loopback (host, port) playing ``pod``'s serving port (started on first use)."""
+        if pod not in self.pod_servers:
+            url = self._serve(pod=pod)
+            self.pod_servers[pod] = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        return self.pod_servers[pod]
+
+    def versions(self, *, pod: str | None = None) -> list[str]:
         if self.override_versions is not None:
             return self.override_versions
 
         def ready_versions():
             found = set()
-            for (resource, _, _), obj in list(self.cluster.emulator.objects.items()):
-                if resource == PODS and not obj.deleted:
-                    pod = obj.raw
-                    if any(
-                        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"]
-                    ):
-                        found.add(pod["metadata"]["labels"][manifests.MODEL_VERSION_LABEL])
+            for (resource, _, name), obj in list(self.cluster.emulator.objects.items()):
+                if resource != PODS or obj.deleted or (pod is not None and name != pod):
+                    continue
+                ready = any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in obj.raw["status"]["conditions"]
+                )
+                carried = self.cluster.version_in(obj.raw["spec"]["containers"][0]["image"])
+                if ready and carried is not None:
+                    found.add(str(carried))
             return sorted(found)
 
         return self.cluster.locked(ready_versions)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
 
 
 @pytest.fixture
@@ -190,15 +213,17 @@ def run(
     messages=None,
     dry_run=False,
     allow_pod_local_feedback=True,
+    forward=False,
     **kwargs,
 ):
+    cluster.images.setdefault(target(version).image, version)  # the image built for this version
     return deploy(
         target(version, run_id=kwargs.pop("run_id", None)),
         settings=settings_for(cluster),
         spec=spec or ServingSpec(),
         timeout_s=timeout_s,
         dry_run=dry_run,
-        smoke=SmokeSettings(url=fake.url, timeout_s=5),
+        smoke=SmokeSettings(url=None if forward else fake.url, timeout_s=5),
         on_progress=(messages.append if messages is not None else None),
         allow_pod_local_feedback=allow_pod_local_feedback,
         **kwargs,
@@ -354,6 +379,30 @@ def test_failed_smoke_test_rolls_back(cluster, serving):
     assert live_deployment(cluster)["metadata"]["labels"][manifests.MODEL_VERSION_LABEL] == "1"
 
 
+def test_an_image_that_carries_another_model_version_fails_the_smoke_test_and_rolls_back(cluster, serving):
+    # The image tagged for v2 was baked with model v1: the Deployment says v2, the pods serve v1.
+    assert run(cluster, serving, 1).ok
+    cluster.build_image(target(2).image, carries=1)
+    result = run(cluster, serving, 2)
+    assert not result.ok and result.rolled_back and result.rollback_ok
+    assert "smoke test failed" in result.reason and "not 2" in result.reason
+    assert result.smoke is not None and result.smoke.reported_versions == ["1"]  # what the pods serve
+    assert live_deployment(cluster)["metadata"]["labels"][manifests.MODEL_VERSION_LABEL] == "1"
+
+
+def test_the_smoke_test_reaches_a_pod_through_port_forward(cluster, serving):
+    # No smoke URL: tfloop port-forwards to a ready pod through the API (the websocket pods/portforward of
+    # the emulator, relayed to the loopback server that plays that pod), as `kubectl port-forward` does.
+    first = run(cluster, serving, 1, forward=True)
+    assert first.ok and first.smoke is not None and first.smoke.reported_versions == ["1"]
+    pod_requests = [request for request in serving.requests if " via " in request]
+    assert pod_requests and pod_requests[0].startswith("GET /v1/models/tfloop-classifier/versions/1 via ")
+    cluster.build_image(target(2).image, carries=1)
+    second = run(cluster, serving, 2, forward=True)
+    assert not second.ok and second.rolled_back and "not 2" in second.reason
+    assert live_deployment(cluster)["metadata"]["labels"][manifests.MODEL_VERSION_LABEL] == "1"
+
+
 def test_dry_run_prints_a_diff_and_changes_nothing(cluster, serving):
     first = run(cluster, serving, 1, dry_run=True)
     assert (
@@ -480,6 +529,7 @@ def tfloop(*args, env=None):
 
 
 def test_cli_deploy_json_dry_run_and_failure(cluster, serving, tmp_path):
+    cluster.build_image("reg.example/tfloop-classifier:v1", carries=1)
     common = [
         "--image",
         "reg.example/tfloop-classifier:v1",
@@ -758,6 +808,7 @@ def test_a_failing_rollout_restores_every_object_it_changed(cluster, serving):
 
 def test_an_image_by_digest_runs_by_digest_and_keeps_its_tag(cluster, serving):
     digest = "sha256:" + "ab" * 32
+    cluster.build_image(f"reg.example:5000/tfloop-classifier@{digest}", carries=1)
     pinned = DeployTarget(
         image="reg.example:5000/tfloop-classifier:v1",
         digest=digest,
@@ -799,6 +850,7 @@ def wait_until(condition, *, what: str, bound_s: float = 30.0):
 def test_a_second_deploy_is_refused_while_the_first_holds_the_lease(cluster, serving):
     gate = threading.Event()
     cluster.controller.plan_for = lambda pod: PodPlan() if gate.is_set() else PodPlan("never-ready")
+    cluster.build_image(target(1).image, carries=1)
     outcome: dict = {}
 
     def first():
@@ -871,6 +923,8 @@ def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(cluster, serving):
 
 
 def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
+    for version in (1, 2, 3):
+        cluster.build_image(target(version).image, carries=version)
     from typer.testing import CliRunner
 
     from pipeline.cli import app
@@ -892,6 +946,7 @@ def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
         return result, payload
 
     digest = "sha256:" + "cd" * 32
+    cluster.build_image(f"reg.example/tfloop-classifier@{digest}", carries=1)
     result, payload = tfloop_deploy(
         *["--image", "reg.example/tfloop-classifier:v1", "--digest", digest, "--version", "1"],
         *["--feedback-uri", FEEDBACK, "--prefect-api-url", "http://prefect:4200/api"],
@@ -915,6 +970,7 @@ def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
 
     # By digest in --image; '' clears a setting, the rest persists; a key file instead of the token.
     digest2 = "sha256:" + "ef" * 32
+    cluster.build_image(f"reg.example/tfloop-classifier@{digest2}", carries=2)
     result, payload = tfloop_deploy(
         *["--image", f"reg.example/tfloop-classifier@{digest2}", "--version", "2"],
         *["--token-secret", "", "--gcp-key-secret", "gcs"],
@@ -950,6 +1006,7 @@ def test_cli_serving_flags_digest_and_pod_local_refusal(cluster, serving):
 def test_a_rollout_that_lost_its_lease_does_not_roll_back_over_another(cluster, serving):
     assert run(cluster, serving, 1).ok
     fail_image(cluster, ":v2", "never-ready")
+    cluster.build_image(target(2).image, carries=2)
     outcome: dict = {}
 
     def second():
