@@ -35,7 +35,12 @@ DOCKERFILE = "Dockerfile.serve"
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
 DEFAULT_PORT = 8501
 IMAGE_NAME_PATTERN = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-CONTEXT_FILES = ("requirements/serving.txt", "scripts/fetch_model_version.py", DOCKERFILE)
+CONTEXT_FILES = (
+    "requirements/serving.txt",
+    "scripts/fetch_model_version.py",
+    "scripts/sourceless-imported.py",
+    DOCKERFILE,
+)
 CONTEXT_PACKAGES = ("serving", "storage")
 IGNORED_NAMES = ("__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache")
 

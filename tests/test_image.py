@@ -80,7 +80,10 @@ def test_context_holds_only_what_the_image_needs(tmp_path):
     top = {p.name for p in context.path.iterdir()}
     assert top == {"Dockerfile.serve", "requirements", "scripts", "serving", "storage", "model"}
     assert [p.name for p in (context.path / "requirements").iterdir()] == ["serving.txt"]
-    assert [p.name for p in (context.path / "scripts").iterdir()] == ["fetch_model_version.py"]
+    assert sorted(p.name for p in (context.path / "scripts").iterdir()) == [
+        "fetch_model_version.py",
+        "sourceless-imported.py",
+    ]
     model_files = sorted(
         p.relative_to(context.path / "model").as_posix() for p in (context.path / "model").rglob("*")
     )
