@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pipeline import locking, loop, promotion, summary, tasks
+from pipeline.delivery import DeliveryRequest, check_delivery
 from pipeline.options import DeliveryOptions, GateOptions, TrainingOptions
 from pipeline.settings import TfloopSettings
 
@@ -98,7 +99,7 @@ def run_loop(
     require_pending: bool,
 ) -> dict[str, Any]:
     """The steps shared by both flows (one run per model at a time); returns :class:`summary.LoopResult`."""
-    delivery.check_delivery(delivery)
+    check_delivery(delivery)
     with one_run_per_model(settings):
         return _run_loop(
             settings=settings,
@@ -180,7 +181,7 @@ def _run_loop(
     )
     result.exported_version, result.export_path = exported["version"], exported["path"]
     result.registered_version = str(exported["registered_version"])
-    request = delivery.DeliveryRequest(
+    request = DeliveryRequest(
         model_name=settings.model_name,
         model_base=settings.models_uri,
         version=int(exported["version"]),
