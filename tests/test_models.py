@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.model
-
-keras = pytest.importorskip("keras")
-
-from training.fit import TrainConfig, plan_phases  # noqa: E402
-from training.models import (  # noqa: E402
+from training.fit import TrainConfig, plan_phases
+from training.models import (
     BACKBONES,
     BackbonePreprocessing,
     ModelError,
@@ -24,6 +21,8 @@ from training.models import (  # noqa: E402
     load_model,
     set_trainable,
 )
+
+pytestmark = pytest.mark.model
 
 SMALL_SIZES = {"vgg16": 32, "inception_v3": 75, "efficientnet_b0": 32, "mobilenet_v2": 32}
 
