@@ -14,21 +14,14 @@ import pytest
 
 import storage
 from storage import versions
-from tests.test_flows_gate import MODEL, _write_images
+from tests.test_flows_gate import MODEL, prepare_flow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
 @pytest.fixture
 def flow_env(tfloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PREFECT_HOME", str(tfloop_home / "prefect"))
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    monkeypatch.setenv("KUBECONFIG", str(tfloop_home / "no-kubeconfig"))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    _write_images(tfloop_home / "data" / "demo", per_class=8, seed=0)
-    _write_images(tfloop_home / "feedback" / "pending", per_class=2, seed=1)
-    return tfloop_home
+    return prepare_flow_env(tfloop_home, monkeypatch, per_class=8, feedback_per_class=2)
 
 
 def test_cluster_without_registry_fails_before_training(

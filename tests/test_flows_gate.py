@@ -49,16 +49,24 @@ def _brightness_champion() -> object:
     return model
 
 
-@pytest.fixture
-def flow_env(tfloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PREFECT_HOME", str(tfloop_home / "prefect"))
+def prepare_flow_env(
+    home: Path, monkeypatch: pytest.MonkeyPatch, *, per_class: int, feedback_per_class: int
+) -> Path:
+    """A state folder for in-process flow runs: Prefect's home inside it, no API server, no cluster, a
+    base dataset and pending corrections."""
+    monkeypatch.setenv("PREFECT_HOME", str(home / "prefect"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    monkeypatch.setenv("KUBECONFIG", str(tfloop_home / "no-kubeconfig"))
+    monkeypatch.setenv("KUBECONFIG", str(home / "no-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    _write_images(tfloop_home / "data" / "demo", per_class=12, seed=0)
-    _write_images(tfloop_home / "feedback" / "pending", per_class=3, seed=1)
-    return tfloop_home
+    _write_images(home / "data" / "demo", per_class=per_class, seed=0)
+    _write_images(home / "feedback" / "pending", per_class=feedback_per_class, seed=1)
+    return home
+
+
+@pytest.fixture
+def flow_env(tfloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return prepare_flow_env(tfloop_home, monkeypatch, per_class=12, feedback_per_class=3)
 
 
 def test_worse_candidate_is_refused_and_not_exported(flow_env: Path) -> None:
