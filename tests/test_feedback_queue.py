@@ -76,15 +76,18 @@ def test_consumed_items_count_per_label(tmp_path) -> None:
     assert queue.stats()["labels"]["fish"] == {"pending": 0, "consumed": 1}
 
 
-def test_many_threads_submit_concurrently(tmp_path) -> None:
-    queue = FeedbackQueue(str(tmp_path / "fb"))
-    items = [FeedbackItem(image=png(i % 60), extension="png", label=LABELS[i % 3]) for i in range(120)]
+def test_many_threads_submit_concurrently(root: str) -> None:
+    """Racing submissions of the same items (locally and on GCS, whose emulator enforces create-only writes):
+    each item is stored once, exactly one submission of it is new, and nothing half-written is listed."""
+    queue = FeedbackQueue(root)
+    items = [FeedbackItem(image=png(i // 4), extension="png", label=LABELS[(i // 4) % 3]) for i in range(240)]
     with ThreadPoolExecutor(16) as pool:
         receipts = list(pool.map(queue.submit, items))
     unique = {(r.feedback_id) for r in receipts}
     assert len(unique) == 60  # 60 distinct images, each always with the same label
+    assert sum(not r.duplicate for r in receipts) == 60
     assert queue.stats()["total"] == 60
-    assert not list((tmp_path / "fb").rglob("*.tmp"))
+    assert not [name for name in storage.list_files(root) if name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize(
