@@ -327,15 +327,17 @@ async def grpc_load_async(
                     errors += 1
                 index += concurrency
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     latencies.sort()
     return {
         "rps": len(latencies) / elapsed,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         "errors": errors,
+        "client_cores": cpu / elapsed,  # the load generator's share of the shared cores
     }
 
 
@@ -666,7 +668,8 @@ def report(
     p50_gap = (single[1] - single[0]) * 1000
     grpc_gap = (grpc_single - single[0]) * 1000
     grpc_rows = "\n".join(
-        f"| {c} | {g['rps']:.1f} | {g['p50_ms']:.1f} | {g['p99_ms']:.1f} | {g['errors']:.0f} |"
+        f"| {c} | {g['rps']:.1f} | {g['p50_ms']:.1f} | {g['p99_ms']:.1f} | {g['errors']:.0f} | "
+        f"{g['client_cores']:.2f} |"
         for c, g in served_grpc.items()
     )
     ahead = all(served[c]["rps"] > naive[c]["rps"] for c in (8, 32))
@@ -721,10 +724,10 @@ headline ratio is against that faster ceiling; the ratio to one call alone is sh
 
 gRPC (`tensorflow.serving.PredictionService/Predict`, one JPEG as `image_bytes` of `serving_default`, the
 same server process and batcher), driven by an asyncio gRPC client in its own process, all callers on one
-channel:
+channel (last column: the client's CPU seconds per second, its share of the shared cores):
 
-| concurrency | gRPC req/s | p50 ms | p99 ms | errors |
-| --- | --- | --- | --- | --- |
+| concurrency | gRPC req/s | p50 ms | p99 ms | errors | client CPU (cores) |
+| --- | --- | --- | --- | --- | --- |
 {grpc_rows}
 
 Concurrency 1, one in-process call and one HTTP request taken in turn ({args.singles} of each): p50
