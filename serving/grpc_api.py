@@ -2,7 +2,7 @@
 (``Predict``, ``Classify``, ``GetModelMetadata``), ``tensorflow.serving.ModelService`` (``GetModelStatus``),
 ``grpc.health.v1.Health`` and, when enabled, server reflection.
 
-It shares the REST app's :class:`serving.app.Services`: the same model manager (live and candidate
+It shares the REST app's :class:`serving.services.Services`: the same model manager (live and candidate
 versions), the same dynamic batcher (a batch may hold images of REST and gRPC requests), the same limits
 and the same drain. Image inputs (``image_bytes`` of ``serving_default``, and a ``DT_STRING`` ``images`` on
 ``predict_images`` as TF Serving's Inception client sends) go through the batcher; other inputs call the
@@ -36,7 +36,6 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving.app import Services, predict_image, version_status
 from serving.errors import (
     FeedbackStoreError,
     ImageRequired,
@@ -49,6 +48,8 @@ from serving.errors import (
 )
 from serving.images import check_image_header
 from serving.model import DEFAULT_SIGNATURE, Prediction, ServedModel
+from serving.predict import call_signature, predict_image, version_status
+from serving.services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -299,15 +300,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 key: to_array(request.inputs[key], name=key, numpy_dtype=spec.numpy_dtype)
                 for key, spec in specs.items()
             }
-            try:
-                outputs = model.run(signature_name, arrays)
-            except ServingError:
-                raise
-            except Exception as error:  # TF rejected the inputs: a client error
-                services.metrics.predict_errors.inc()
-                raise InvalidInput(
-                    f"the model rejected the inputs: {type(error).__name__}: {str(error)[:300]}"
-                ) from error
+            outputs = call_signature(services, model, signature_name, arrays)
             return {key: array_tensor(value) for key, value in outputs.items()}
 
         return await asyncio.to_thread(run)

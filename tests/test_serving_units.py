@@ -79,7 +79,7 @@ def test_production_settings_names(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batching_settings_reach_the_batcher(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from serving.app import build_services
+    from serving.services import build_services
 
     monkeypatch.setenv("TFLOOP_SERVE_BATCH_WORKERS", "3")
     batcher = build_services(ServingSettings(feedback_uri=str(tmp_path), max_batch_size=7)).batcher
@@ -473,7 +473,7 @@ def test_workers_share_the_recent_peak_of_requests() -> None:
 
 
 def test_in_flight_peak_outlives_dips_for_its_window() -> None:
-    from serving.app import InFlight
+    from serving.services import InFlight
 
     gauge = InFlight(window_s=1.0)
     for _ in range(5):

@@ -1,0 +1,98 @@
+"""Feedback intake: from a ``/feedback`` form to a stored queue item (label checked against the versions
+that could have made the prediction, the image matched to the signed prediction token, the event sent)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+
+from fastapi import UploadFile
+
+from serving.errors import ImageMismatch, ImageRequired, InvalidInput, ModelNotReady
+from serving.events import feedback_event
+from serving.feedback import FeedbackItem, check_label
+from serving.schemas import FeedbackResponse
+from serving.services import Services
+from serving.tokens import PredictionClaim
+
+
+def _known_labels(services: Services, claim: PredictionClaim | None) -> list[str] | None:
+    """Labels feedback may use: the live version's, plus those of the version that made the prediction
+    when it is loaded here; None when no version is loaded."""
+    view = services.manager.loaded
+    labels = list(view.live.labels) if view.live is not None else []
+    cited = view.models.get(claim.model_version) if claim is not None else None
+    if cited is not None:
+        labels += [label for label in cited.labels if label not in labels]
+    return labels if view.live is not None or cited is not None else None
+
+
+async def _feedback_image(
+    services: Services, claim: PredictionClaim | None, file: UploadFile | None
+) -> tuple[bytes, str]:
+    """The image of a feedback item and its extension: the one sent (which must be the classified one when a
+    prediction_id is cited), or this replica's copy of the cited classification's image."""
+    if file is not None:
+        data = await file.read()
+        info = await services.validate(data)
+        if claim is not None and hashlib.sha256(data).hexdigest() != claim.image_sha256:
+            raise ImageMismatch(
+                "the image sent is not the one this prediction_id was issued for (their sha256 differ); send "
+                "the classified image with its prediction_id, or send this image without a prediction_id"
+            )
+        return data, info.extension
+    if claim is not None:
+        kept = services.recent.get(claim.image_sha256)
+        if kept is None:
+            raise ImageRequired(
+                "send the image with the prediction_id (as 'file'): this server does not hold the classified "
+                "image (another replica may have classified it, or it was evicted)"
+            )
+        return kept.image, kept.extension
+    raise InvalidInput(
+        "send either the prediction_id of a classification with its image, or the image as 'file'"
+    )
+
+
+async def store_feedback(
+    services: Services,
+    label: str,
+    prediction_id: str | None,
+    note: str | None,
+    file: UploadFile | None,
+) -> FeedbackResponse:
+    claim = services.signer.verify(prediction_id) if prediction_id else None
+    known = _known_labels(services, claim)
+    if known is None and not services.settings.allow_new_labels:
+        raise ModelNotReady("no model is loaded yet, so labels cannot be checked; retry when /readyz is 200")
+    checked = check_label(label, known=known or [], allow_new=services.settings.allow_new_labels)
+    image, extension = await _feedback_image(services, claim, file)
+    item = FeedbackItem(
+        image=image,
+        extension=extension,
+        label=checked,
+        prediction_id=prediction_id if claim is not None else None,
+        predicted=claim.predicted() if claim is not None else (),
+        model_name=claim.model_name if claim is not None else services.settings.model_name,
+        model_version=claim.model_version if claim is not None else None,
+        predicted_at=(
+            datetime.fromtimestamp(claim.issued_at, UTC).isoformat() if claim is not None else None
+        ),
+        note=note,
+    )
+    receipt = await asyncio.to_thread(services.queue.submit, item)
+    services.metrics.feedback.labels("duplicate" if receipt.duplicate else "accepted").inc()
+    if services.events is not None and not receipt.duplicate:
+        services.events.emit(
+            feedback_event(
+                model_name=services.settings.model_name,
+                label=checked,
+                payload={
+                    "feedback_id": receipt.feedback_id,
+                    "image": receipt.image_uri,
+                    "model_version": item.model_version,
+                },
+            )
+        )
+    return FeedbackResponse(feedback_id=receipt.feedback_id, label=checked, duplicate=receipt.duplicate)
