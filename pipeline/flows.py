@@ -148,6 +148,8 @@ def _run_loop(
         )
     )
     result.run_id = outcome.run_id
+    tasks.mark_quarantined(feedback_root=settings.feedback_root, conflicts=outcome.quarantined)
+    result.quarantined = len(outcome.quarantined)
     evaluation = tasks.evaluate(
         loop.EvaluationRequest(
             run_id=outcome.run_id,
@@ -202,7 +204,10 @@ def _run_loop(
     result.smoke_test = smoke.detail if smoke.ran else None
 
     consumed = tasks.consume_feedback(
-        feedback_root=settings.feedback_root, run_id=outcome.run_id, files=roots.pending_files
+        feedback_root=settings.feedback_root,
+        run_id=outcome.run_id,
+        files=roots.pending_files,
+        quarantined=tuple(outcome.quarantined),
     )
     result.feedback_consumed = consumed.moved + consumed.already_moved
     if not delivery.promote:

@@ -6,7 +6,7 @@ next version. The Prefect flows (``pipeline/flows.py``) wrap these plain functio
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class TrainOutcome:
     labels: tuple[str, ...]
     metrics: dict[str, float]
     dataset_fingerprint: str = ""
+    quarantined: dict[str, list[str]] = field(default_factory=dict)
 
 
 def train_candidate(request: TrainRequest) -> TrainOutcome:
@@ -54,6 +55,7 @@ def train_candidate(request: TrainRequest) -> TrainOutcome:
         artifact_root=request.artifact_root,
         data_cache_dir=request.cache_dir,
         required_roots=[request.roots.base],
+        label_overrides=request.roots.resolutions,
         verbose=2,
     )
     return TrainOutcome(
@@ -62,6 +64,7 @@ def train_candidate(request: TrainRequest) -> TrainOutcome:
         labels=tuple(result.labels),
         metrics={"accuracy": float(result.accuracy), "macro_f1": float(result.macro_f1)},
         dataset_fingerprint=result.dataset_fingerprint,
+        quarantined={c.sha256: list(c.labels) for c in result.data_report.quarantined},
     )
 
 
@@ -119,6 +122,7 @@ def evaluate_candidate_and_champion(request: EvaluationRequest) -> Evaluation:
             min_images_per_label=int(run.config["min_images_per_label"]),
             cache_dir=Path(request.cache_dir),
             required_roots=[request.roots.base],
+            label_overrides=request.roots.resolutions,
         )
         tested = set(run.split.get("test", []))
         seen = tested | set(run.split.get("train", [])) | set(run.split.get("validation", []))

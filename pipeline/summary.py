@@ -39,6 +39,7 @@ class LoopResult:
     rollout: str | None = None
     smoke_test: str | None = None
     feedback_consumed: int = 0
+    quarantined: int = 0
     champion_alias: str | None = None
     live_version: int | None = None
     live_previous: int | None = None
@@ -71,6 +72,11 @@ def format_summary(result: LoopResult) -> str:
         lines.append(f"smoke test: {result.smoke_test}")
     if result.feedback_consumed:
         lines.append(f"feedback consumed: {result.feedback_consumed} item(s)")
+    if result.quarantined:
+        lines.append(
+            f"quarantined: {result.quarantined} image(s) under different labels, held out of training "
+            "(listed in /feedback/stats; settle each with `tfloop feedback resolve SHA256 --label LABEL`)"
+        )
     if result.champion_alias:
         lines.append(f"champion: {result.champion_alias}")
     if result.live_version is not None:

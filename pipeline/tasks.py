@@ -135,10 +135,19 @@ def smoke_test(request: delivery.DeliveryRequest, rollout: delivery.StepOutcome)
 
 @task(name="consume-feedback", **STORAGE_RETRIES, timeout_seconds=ONE_HOUR, persist_result=True)
 def consume_feedback(
-    *, feedback_root: str, run_id: str, files: tuple[str, ...]
+    *, feedback_root: str, run_id: str, files: tuple[str, ...], quarantined: tuple[str, ...] = ()
 ) -> feedback_queue.ConsumeResult:
-    """Move the pending corrections this run trained on to ``consumed/<run>/`` (never deleted)."""
-    return feedback_queue.consume_feedback(feedback_root=feedback_root, run_id=run_id, files=files)
+    """Move the pending corrections this run trained on to ``consumed/<run>/`` (never deleted); the
+    quarantined ones stay pending."""
+    return feedback_queue.consume_feedback(
+        feedback_root=feedback_root, run_id=run_id, files=files, quarantined=quarantined
+    )
+
+
+@task(name="mark-quarantined", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def mark_quarantined(*, feedback_root: str, conflicts: dict[str, list[str]]) -> int:
+    """Mark the images the run found under different labels, for a person to resolve."""
+    return feedback_queue.mark_quarantined(feedback_root=feedback_root, conflicts=conflicts)
 
 
 @task(name="promote", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)

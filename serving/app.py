@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.errors import ModelNotReady, ServingError
+from serving.errors import ModelNotReady, ServingError, TooManyRequests
 from serving.feedback import RecentImage
 from serving.intake import store_feedback
 from serving.middleware import INTERNAL_ERROR, BodyLimitMiddleware, MetricsMiddleware, error_response
@@ -43,7 +44,7 @@ from serving.schemas import (
     LabelScore,
     PredictRequest,
 )
-from serving.services import Services, ServicesDep, TokenDep, build_services
+from serving.services import FeedbackTokenDep, Services, ServicesDep, build_services, client_key
 from serving.settings import ServingSettings
 from serving.tokens import MAX_TOKEN_CHARS
 
@@ -65,11 +66,14 @@ async def _poll_versions(services: Services) -> None:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
-    async def servingerror_response(_request: Request, error: ServingError) -> JSONResponse:
-        return error_response(error.status_code, str(error))
+    async def serving_error(_request: Request, error: ServingError) -> JSONResponse:
+        response = error_response(error.status_code, str(error))
+        if isinstance(error, TooManyRequests):
+            response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+        return response
 
     @app.exception_handler(RequestValidationError)
-    async def validationerror_response(_request: Request, error: RequestValidationError) -> JSONResponse:
+    async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         problems = []
         for problem in error.errors()[:5]:
             where = ".".join(str(part) for part in problem.get("loc", ()))
@@ -77,7 +81,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(400, "invalid request: " + "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
-    async def httperror_response(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
             {"error": str(error.detail)}, status_code=error.status_code, headers=error.headers
         )
@@ -258,8 +262,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/feedback", tags=["feedback"], status_code=202, response_model=FeedbackResponse)
     async def feedback(
+        request: Request,
         services: ServicesDep,
-        _auth: TokenDep,
+        _auth: FeedbackTokenDep,
         label: Annotated[str, Form(max_length=200, description="The right label.")],
         prediction_id: Annotated[
             str | None,
@@ -273,12 +278,14 @@ def _add_routes(app: FastAPI) -> None:
         """Queue a corrected label (202) for an earlier classification (``prediction_id`` with the image
         as ``file``) or for an image alone."""
         try:
-            return await store_feedback(services, label, prediction_id, note, file)
+            client = client_key(request, trust_forwarded_for=services.settings.trust_forwarded_for)
+            return await store_feedback(services, label, prediction_id, note, file, client=client)
         except ServingError:
             services.metrics.feedback.labels("refused").inc()
             raise
 
     @app.get("/feedback/stats", tags=["feedback"])
-    async def feedback_stats(services: ServicesDep, _auth: TokenDep) -> dict[str, Any]:
-        """Counts per label (pending, consumed) and the total of records."""
+    async def feedback_stats(services: ServicesDep, _auth: FeedbackTokenDep) -> dict[str, Any]:
+        """Counts per label (pending, consumed), the total of records, and the quarantined images (the
+        same image under different labels: held out of training until ``tfloop feedback resolve``)."""
         return await asyncio.to_thread(services.queue.stats)

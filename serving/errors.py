@@ -35,8 +35,28 @@ class PayloadTooLarge(ServingError):
     status_code = 413
 
 
+class TooManyRequests(ServingError):
+    """A client went over its feedback rate or its per-label cap; ``retry_after_s`` says when to retry."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LabelCapReached(TooManyRequests):
+    """A client already added as many items to a label as one client may within the cap window."""
+
+
 class ModelNotReady(ServingError):
     """No model version is loaded yet (startup, or the pinned version does not exist)."""
+
+    status_code = 503
+
+
+class FeedbackClosed(ServingError):
+    """Production mode with no token configured: /feedback takes nothing until one is set."""
 
     status_code = 503
 

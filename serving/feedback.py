@@ -23,9 +23,11 @@ from typing import Any
 import storage
 from serving.errors import FeedbackStoreError, InvalidInput
 from storage.layout import CONSUMED, PENDING, RECORDS
+from storage.quarantine import quarantined_images
 
 SAFE_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ .+-]{0,99}")
 MAX_NOTE_CHARS = 2000
+MAX_LISTED_QUARANTINED = 100
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,25 @@ class FeedbackQueue:
     def __init__(self, root: str) -> None:
         self.root = root
 
+    @staticmethod
+    def feedback_id(label: str, image: bytes) -> str:
+        """The id of the correction ``label`` for ``image`` (the same for every submission of both)."""
+        return hashlib.sha256(f"{label}\n{hashlib.sha256(image).hexdigest()}".encode()).hexdigest()[:32]
+
+    def known(self, label: str, image: bytes) -> bool:
+        """Whether this correction was already stored (pending or consumed)."""
+        try:
+            return storage.exists(storage.join(self.root, RECORDS, f"{self.feedback_id(label, image)}.json"))
+        except storage.StorageError as error:
+            raise FeedbackStoreError(f"the feedback queue cannot be read, please retry: {error}") from error
+
     def submit(self, item: FeedbackItem) -> FeedbackReceipt:
-        """Store the image and its record (blocking; call in a thread). Idempotent per image+label."""
+        """Store the image and its record (blocking; call in a thread). Idempotent per image+label: an
+        image already queued or consumed with this label is a duplicate and is not queued again."""
         if not SAFE_LABEL.fullmatch(item.label):
             raise InvalidInput(f"label {item.label!r} is not a safe folder name")
         image_sha = hashlib.sha256(item.image).hexdigest()
-        feedback_id = hashlib.sha256(f"{item.label}\n{image_sha}".encode()).hexdigest()[:32]
+        feedback_id = self.feedback_id(item.label, item.image)
         image_uri = storage.join(self.root, PENDING, item.label, f"{image_sha}.{item.extension}")
         record_uri = storage.join(self.root, RECORDS, f"{feedback_id}.json")
         record = {
@@ -100,6 +115,8 @@ class FeedbackQueue:
             "note": (item.note or "")[:MAX_NOTE_CHARS] or None,
         }
         try:
+            if storage.exists(record_uri):  # records outlive consumption: a consumed item stays known
+                return FeedbackReceipt(feedback_id, image_sha, image_uri, record_uri, duplicate=True)
             storage.write_if_absent(image_uri, item.image)
             created = storage.write_if_absent(record_uri, json.dumps(record, indent=2).encode("utf-8"))
         except storage.StorageError as error:
@@ -107,12 +124,13 @@ class FeedbackQueue:
         return FeedbackReceipt(feedback_id, image_sha, image_uri, record_uri, duplicate=not created)
 
     def stats(self) -> dict[str, Any]:
-        """Counts per label of pending and consumed images, and the number of records in total."""
+        """Counts per label of pending and consumed images, the number of records in total, and the
+        quarantined images: the same bytes pending under different labels, or found so by a training run."""
         per_label: dict[str, dict[str, int]] = {}
         try:
-            for path in storage.list_files(storage.join(self.root, PENDING)):
-                label = path.split("/", 1)[0]
-                per_label.setdefault(label, {"pending": 0, "consumed": 0})["pending"] += 1
+            pending = storage.list_files(storage.join(self.root, PENDING))
+            for path in pending:
+                per_label.setdefault(path.split("/", 1)[0], {"pending": 0, "consumed": 0})["pending"] += 1
             for path in storage.list_files(storage.join(self.root, CONSUMED)):
                 parts = path.split("/")
                 if len(parts) >= 3:
@@ -120,13 +138,19 @@ class FeedbackQueue:
             total = sum(
                 1 for p in storage.list_files(storage.join(self.root, RECORDS)) if p.endswith(".json")
             )
-        except storage.StorageError as error:
+            quarantined = quarantined_images(self.root, pending=pending)
+        except (storage.StorageError, ValueError, KeyError) as error:
             raise FeedbackStoreError(f"the feedback queue cannot be read: {error}") from error
         return {
             "labels": dict(sorted(per_label.items())),
             "pending": sum(c["pending"] for c in per_label.values()),
             "consumed": sum(c["consumed"] for c in per_label.values()),
             "total": total,
+            "quarantined": len(quarantined),
+            "quarantined_items": [{"sha256": sha, "labels": labels} for sha, labels in quarantined.items()][
+                :MAX_LISTED_QUARANTINED
+            ],
+            "resolve": f"tfloop feedback resolve SHA256 --label LABEL --feedback-uri {self.root}",
         }
 
 

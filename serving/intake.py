@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from fastapi import UploadFile
 
-from serving.errors import ImageMismatch, ImageRequired, InvalidInput, ModelNotReady
+from serving.errors import ImageMismatch, ImageRequired, InvalidInput, LabelCapReached, ModelNotReady
 from serving.events import feedback_event
 from serving.feedback import FeedbackItem, check_label
 from serving.schemas import FeedbackResponse
@@ -61,13 +61,24 @@ async def store_feedback(
     prediction_id: str | None,
     note: str | None,
     file: UploadFile | None,
+    *,
+    client: str,
 ) -> FeedbackResponse:
+    """Check and store one feedback item from ``client`` (its limits apply in production mode)."""
+    if services.limiter is not None:
+        services.limiter.admit(client)
     claim = services.signer.verify(prediction_id) if prediction_id else None
     known = _known_labels(services, claim)
     if known is None and not services.settings.allow_new_labels:
         raise ModelNotReady("no model is loaded yet, so labels cannot be checked; retry when /readyz is 200")
     checked = check_label(label, known=known or [], allow_new=services.settings.allow_new_labels)
     image, extension = await _feedback_image(services, claim, file)
+    if services.limiter is not None:
+        try:
+            services.limiter.check_cap(client, checked)
+        except LabelCapReached:  # a correction already stored moves nothing: it answers "duplicate"
+            if not await asyncio.to_thread(services.queue.known, checked, image):
+                raise
     item = FeedbackItem(
         image=image,
         extension=extension,
@@ -82,6 +93,8 @@ async def store_feedback(
         note=note,
     )
     receipt = await asyncio.to_thread(services.queue.submit, item)
+    if services.limiter is not None and not receipt.duplicate:
+        services.limiter.added(client, checked)
     services.metrics.feedback.labels("duplicate" if receipt.duplicate else "accepted").inc()
     if services.events is not None and not receipt.duplicate:
         services.events.emit(

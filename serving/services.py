@@ -16,10 +16,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from serving.batching import DynamicBatcher
-from serving.errors import ServingError, Unauthorized
+from serving.errors import FeedbackClosed, ServingError, Unauthorized
 from serving.events import PrefectEventSender
 from serving.feedback import FeedbackQueue, RecentImages
 from serving.images import ImageInfo, validate_image
+from serving.limits import FeedbackLimiter
 from serving.metrics import ServingMetrics
 from serving.model import ImageJob, ModelManager, Prediction, ServedModel, image_job_group, predict_jobs
 from serving.settings import ServingSettings
@@ -69,6 +70,7 @@ class Services:
     signer: PredictionSigner
     events: PrefectEventSender | None
     in_flight: InFlight
+    limiter: FeedbackLimiter | None = None
     draining: bool = field(default=False)
 
     def drain(self) -> None:
@@ -139,6 +141,16 @@ def build_services(settings: ServingSettings) -> Services:
         signer=signer_for(settings.feedback_secret, ttl_s=settings.prediction_ttl_s),
         events=events,
         in_flight=in_flight,
+        limiter=(
+            FeedbackLimiter(
+                rate_per_minute=settings.feedback_rate_per_minute,
+                burst=settings.feedback_burst,
+                label_cap=settings.feedback_label_cap,
+                cap_window_s=settings.feedback_cap_window_s,
+            )
+            if settings.production_mode
+            else None
+        ),
     )
 
 
@@ -166,3 +178,26 @@ async def require_token(
 
 
 TokenDep = Annotated[None, Depends(require_token)]
+
+
+async def require_feedback_token(services: ServicesDep, _token: TokenDep) -> None:
+    """The token rule of the feedback routes: production mode takes feedback only with a token."""
+    if services.settings.production_mode and services.settings.token is None:
+        raise FeedbackClosed(
+            "feedback is closed: production mode (a gs:// feedback queue, or TFLOOP_SERVE_PRODUCTION=true) "
+            "takes feedback only with a token; set TFLOOP_SERVE_TOKEN (`tfloop deploy --token-secret`) or, "
+            "for a trusted network only, TFLOOP_SERVE_PRODUCTION=false"
+        )
+
+
+FeedbackTokenDep = Annotated[None, Depends(require_feedback_token)]
+
+
+def client_key(request: Request, *, trust_forwarded_for: bool) -> str:
+    """Who sent ``request``, for the per-client limits: the connection's address, or the first
+    X-Forwarded-For address when the settings trust the proxy in front."""
+    if trust_forwarded_for:
+        forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    return request.client.host if request.client is not None else "unknown"

@@ -139,6 +139,33 @@ class ServingSettings(BaseSettings):
     token: SecretStr | None = Field(
         default=None, description="Bearer token required by /feedback and admin routes; none: open."
     )
+    production: bool | None = Field(
+        default=None,
+        description="Production mode: /feedback requires the token (and answers 503 until one is set), "
+        "rate-limits each client and caps how many items one client may add to a label. None: on when the "
+        "feedback queue is on gs://.",
+    )
+    feedback_rate_per_minute: float = Field(
+        default=30.0, gt=0, description="Production mode: feedback posts one client may make per minute."
+    )
+    feedback_burst: int = Field(
+        default=10,
+        ge=1,
+        description="Production mode: posts one client may make at once before the rate applies.",
+    )
+    feedback_label_cap: int = Field(
+        default=50,
+        ge=1,
+        description="Production mode: most new items one client may add to one label per cap window.",
+    )
+    feedback_cap_window_s: float = Field(
+        default=24 * 3600.0, gt=0, description="The window of feedback_label_cap."
+    )
+    trust_forwarded_for: bool = Field(
+        default=False,
+        description="Take the client of a request from the first X-Forwarded-For address (only behind a "
+        "proxy that sets it); otherwise the connection's address.",
+    )
     prefect_api_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("TFLOOP_SERVE_PREFECT_API_URL", "PREFECT_API_URL", "prefect_api_url"),
@@ -176,6 +203,13 @@ class ServingSettings(BaseSettings):
                 "make one with `openssl rand -hex 32`"
             )
         return value
+
+    @property
+    def production_mode(self) -> bool:
+        """Whether production mode is on: as set, else on for a feedback queue on ``gs://``."""
+        if self.production is not None:
+            return self.production
+        return self.feedback_uri.startswith("gs://")
 
     def discard_bytes(self) -> int:
         """Most bytes of a refused body read and dropped before the 413 (see ``max_discard_bytes``)."""

@@ -2,7 +2,9 @@
 
 Below a queue root (local folder or ``gs://`` prefix): ``pending/<label>/<sha256>.<ext>`` (images waiting for
 a run), ``records/<feedback_id>.json`` (one record per correction), ``consumed/<run>/<label>/...`` (images a
-run trained on; never deleted).
+run trained on; never deleted), ``quarantine/<sha256>.json`` (an image a run found under different labels,
+held out of training), ``resolutions/<sha256>.json`` (a person's answer to a quarantined image) and
+``rejected/<label>/...`` (the copies a resolution turned down; never deleted).
 """
 
 from __future__ import annotations
@@ -10,3 +12,6 @@ from __future__ import annotations
 PENDING = "pending"
 RECORDS = "records"
 CONSUMED = "consumed"
+QUARANTINE = "quarantine"
+RESOLUTIONS = "resolutions"
+REJECTED = "rejected"

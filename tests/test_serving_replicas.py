@@ -37,6 +37,7 @@ exported_model = test_serving.exported_model  # the tiny exported model (a sessi
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[1]
+TOKEN = "replica-feedback-token"
 SECRET = "replicas-share-this-secret-0123456789"
 POLL_S = 0.3
 MOVE_WITHIN_S = 90  # generous: a replica loads (and on GCS downloads) a version in a few seconds
@@ -152,6 +153,8 @@ def cluster(
             max_batch_size="8",
             batch_workers="1",
             drain_s="0",
+            token=TOKEN,  # a gs:// queue is production mode: /feedback takes a token
+            feedback_burst="100",
         )
         env["TFLOOP_FEEDBACK_SECRET"] = SECRET
         replicas.append(start_replica(env, port, scratch / f"replica-{index}.log"))
@@ -173,7 +176,8 @@ def feedback(
 ) -> httpx.Response:
     form = {"label": label, **({"prediction_id": prediction_id} if prediction_id else {})}
     files = {"file": ("x.png", data, "image/png")} if data is not None else None
-    return httpx.post(f"{replica.url}/feedback", data=form, files=files, timeout=60)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    return httpx.post(f"{replica.url}/feedback", data=form, files=files, headers=headers, timeout=60)
 
 
 def predict(replica: Replica, route: str = "") -> httpx.Response:

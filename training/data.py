@@ -26,9 +26,9 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
@@ -271,12 +271,14 @@ def scan_dataset(
     cache_dir: Path | None = None,
     required_roots: Sequence[str] | None = None,
     workers: int = 8,
+    label_overrides: Mapping[str, str] | None = None,
 ) -> ScannedDataset:
     """List and validate every file below ``roots``; return the distinct images, labels and a report.
 
     Roots in ``required_roots`` (default: the first root) must exist; others (e.g. an empty feedback
     queue) may be missing. Files with the same bytes and label count once (the first by root order, then
-    path); the same bytes under different labels are quarantined. A label with fewer than
+    path); the same bytes under different labels are quarantined, unless ``label_overrides`` (sha256 ->
+    label, a person's resolution) names the label they have from now on. A label with fewer than
     ``min_images_per_label`` distinct images is left out (reported and logged). Raises
     :class:`DatasetError` when fewer than two labels remain or the train split is empty.
     """
@@ -315,13 +317,22 @@ def scan_dataset(
         by_hash.setdefault(record.sha256, []).append(record)
     unique: list[FileRecord] = []
     conflicts: list[Conflict] = []
+    overrides = label_overrides or {}
+    resolved = 0
     for sha256, copies in by_hash.items():
         labels_of = sorted({copy.label for copy in copies})
-        if len(labels_of) > 1:
+        chosen = overrides.get(sha256)
+        if chosen is not None:
+            kept = [copy for copy in copies if copy.label == chosen]
+            unique.append(kept[0] if kept else replace(copies[0], label=chosen))
+            resolved += len(labels_of) > 1
+        elif len(labels_of) > 1:
             conflicts.append(Conflict(sha256=sha256, labels=labels_of, files=[copy.uri for copy in copies]))
         else:
             unique.append(copies[0])
     duplicates = len(valid) - len(unique) - sum(len(c.files) for c in conflicts)
+    if resolved:
+        logger.info("%d image(s) under different labels take the label a person chose for them", resolved)
     for conflict in conflicts[:20]:
         logger.warning(
             "quarantined: the same image is labelled %s (%s); it is held out of every split",

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -623,13 +623,15 @@ def train(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
     required_roots: Sequence[str] | None = None,
+    label_overrides: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train, evaluate and log one model; resume from ``checkpoint_dir`` when it holds this run's progress.
 
     Tracking: pass ``tracking`` or ``tracking_uri`` (+ ``experiment``, ``artifact_root``). Images from GCS
     roots are downloaded below ``data_cache_dir`` (default ``checkpoint_dir/data-cache``).
     ``required_roots`` (default: the first data root) must hold files; other roots may be empty (an empty
-    feedback queue). Extra Keras ``callbacks`` run after tfloop's own at every epoch.
+    feedback queue). ``label_overrides`` (sha256 -> label) are a person's resolutions of quarantined
+    images. Extra Keras ``callbacks`` run after tfloop's own at every epoch.
     """
     started = time.monotonic()
     if tracking is None:
@@ -655,6 +657,7 @@ def train(
         min_images_per_label=config.min_images_per_label,
         cache_dir=Path(data_cache_dir) if data_cache_dir is not None else checkpoint_dir / DATA_CACHE,
         required_roots=required_roots,
+        label_overrides=label_overrides,
     )
     for split, option in (("validation", "--validation-fraction"), ("test", "--test-fraction")):
         if not dataset.side(split):
