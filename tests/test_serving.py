@@ -620,14 +620,18 @@ def test_hot_swap_under_load_and_broken_version(
 def test_gcs_model_base_and_feedback_queue(gcs_bucket: str, tmp_path: Path, exported_model: Path) -> None:
     base = f"{gcs_bucket}/models"
     publish(exported_model, base)
-    settings = settings_for(base, tmp_path, feedback_uri=f"{gcs_bucket}/feedback")
+    settings = settings_for(base, tmp_path, feedback_uri=f"{gcs_bucket}/feedback", token="gcs-token")
+    auth = {"Authorization": "Bearer gcs-token"}  # a gs:// queue is production mode: the token is required
     with client(settings) as api:
         data = image_bytes(11)
         result = api.post("/classify", files={"file": ("x.png", data, "image/png")}).json()
         assert result["model_version"] == 1
-        response = api.post("/feedback", data={"label": "dog", "prediction_id": result["prediction_id"]})
+        form = {"label": "dog", "prediction_id": result["prediction_id"]}
+        assert api.post("/feedback", data=form).status_code == 401
+        response = api.post("/feedback", data=form, headers=auth)
         assert response.status_code == 202
-        assert api.get("/feedback/stats").json()["labels"] == {"dog": {"pending": 1, "consumed": 0}}
+        stats = api.get("/feedback/stats", headers=auth).json()
+        assert stats["labels"] == {"dog": {"pending": 1, "consumed": 0}} and stats["quarantined"] == 0
     sha = hashlib.sha256(data).hexdigest()
     assert storage.read_bytes(f"{gcs_bucket}/feedback/pending/dog/{sha}.png") == data
     assert (tmp_path / "cache" / NAME / "1" / "saved_model.pb").is_file()
