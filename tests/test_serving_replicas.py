@@ -331,6 +331,7 @@ def test_every_acknowledged_feedback_survives_a_replica_killed_mid_burst(cluster
                 f"{replica.url}/feedback",
                 data={"label": LABELS[index % 3]},
                 files={"file": (f"{index}.png", images[index], "image/png")},
+                headers={"Authorization": f"Bearer {TOKEN}"},
             )
         except httpx.HTTPError:
             outcomes.append((target, None, None))
