@@ -26,7 +26,7 @@ from k8s.client import Cluster, call, connect, ensure_namespace, is_not_found
 from k8s.errors import ClusterApiError, ClusterError, PodLocalFeedbackError
 from k8s.lease import HeldLease, hold_rollout_lease, live_holder
 from k8s.settings import ClusterSettings, DeployTarget, ServingSettings, ServingSpec, split_image
-from k8s.smoke import SmokeResult, SmokeSettings, forward_service, smoke_test
+from k8s.smoke import SmokeResult, SmokeSettings, forward_service, grpc_smoke_test, smoke_test
 
 MERGE_PATCH = "application/merge-patch+json"
 IMMEDIATELY_FATAL = {
@@ -781,8 +781,10 @@ def _smoke(
 ) -> WaitOutcome:
     try:
         with _smoke_url(cluster, spec=spec, smoke=smoke, in_cluster=settings.in_cluster) as url:
-            result.smoke = smoke_test(
-                base_url=url,
+            check = smoke_test if smoke.protocol == "rest" else grpc_smoke_test
+            where = {"base_url": url} if smoke.protocol == "rest" else {"target": url.split("://")[-1]}
+            result.smoke = check(
+                **where,
                 model_name=target.model_name,
                 expected_version=target.version,
                 sample_image=smoke.sample_image,
@@ -803,10 +805,15 @@ def _smoke(
 def _smoke_url(
     cluster: Cluster, *, spec: ServingSpec, smoke: SmokeSettings, in_cluster: bool
 ) -> Iterator[str]:
+    port = spec.port if smoke.protocol == "rest" else spec.grpc_port
+    if smoke.protocol == "grpc" and not port:
+        raise ClusterError(
+            "a gRPC smoke test needs the gRPC port; the serving spec turns it off (grpc_port 0)"
+        )
     if smoke.url:
         yield smoke.url
     elif in_cluster:
-        yield f"http://{spec.app_name}.{cluster.namespace}.svc:{spec.port}"
+        yield f"http://{spec.app_name}.{cluster.namespace}.svc:{port}"
     else:
-        with forward_service(cluster, service_name=spec.app_name, port=spec.port) as url:
+        with forward_service(cluster, service_name=spec.app_name, port=port) as url:
             yield url

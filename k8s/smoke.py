@@ -1,10 +1,13 @@
-"""Smoke test of a rolled-out model over the TF Serving REST API, and a port-forward to reach it.
+"""Smoke test of a rolled-out model over the TF Serving REST API or its gRPC API, and a port-forward to
+reach it.
 
 :func:`smoke_test` is plain HTTP, on the version's own routes by default
 (``GET /v1/models/<name>/versions/<v>``, then one ``POST /v1/models/<name>/versions/<v>:predict`` with a
 sample image; a server without version routes is asked on ``/v1/models/<name>``), so it works against any
 base URL: a port-forward opened by :func:`forward_service`, the in-cluster Service DNS name, an ingress, or
-a local server in tests.
+a local server in tests. :func:`grpc_smoke_test` asks the same over gRPC (``ModelService.GetModelStatus``,
+then ``PredictionService.Predict`` pinned to the version), with the official ``tensorflow-serving-api``
+stubs, as a TF Serving client would.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -35,6 +38,7 @@ class SmokeSettings:
     timeout_s: float = 30.0
     predict: bool = True
     pinned: bool | None = None
+    protocol: Literal["rest", "grpc"] = "rest"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +138,93 @@ def smoke_test(
         + (" and predicts" if predict else "")
         + f" ({model_path})",
         route=model_path,
+    )
+
+
+def grpc_smoke_test(
+    *,
+    target: str,
+    model_name: str,
+    expected_version: int,
+    sample_image: bytes | None = None,
+    predict: bool = True,
+    timeout_s: float = 30.0,
+    pinned: bool | None = None,
+) -> SmokeResult:
+    """:func:`smoke_test` over TF Serving's gRPC API at ``target`` (``host:port``): the version must be
+    AVAILABLE in ``GetModelStatus`` and answer one ``Predict`` of ``serving_default`` (the image bytes in
+    ``image_bytes``) whose ``model_spec`` names it. ``pinned`` False asks the live version instead."""
+    import grpc
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import (
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    route = f"{model_name}" + (f" version {expected_version}" if pinned is not False else " (live)")
+    try:
+        with grpc.insecure_channel(target) as channel:
+            status_request = get_model_status_pb2.GetModelStatusRequest()
+            status_request.model_spec.name = model_name
+            if pinned is not False:
+                status_request.model_spec.version.value = expected_version
+            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+                status_request, timeout=timeout_s
+            )
+            available = [
+                str(entry.version)
+                for entry in status.model_version_status
+                if entry.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            ]
+            if str(expected_version) not in available:
+                return _failed(
+                    target,
+                    expected_version,
+                    available,
+                    f"GetModelStatus reports {available or 'no versions'} AVAILABLE, not {expected_version}",
+                )
+            if predict:
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = model_name
+                request.model_spec.signature_name = "serving_default"
+                if pinned is not False:
+                    request.model_spec.version.value = expected_version
+                image = sample_image if sample_image is not None else sample_png()
+                request.inputs["image_bytes"].CopyFrom(
+                    tensor_pb2.TensorProto(
+                        dtype=types_pb2.DT_STRING,
+                        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
+                        ),
+                        string_val=[image],
+                    )
+                )
+                answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                    request, timeout=timeout_s
+                )
+                answered = answer.model_spec.version.value
+                if answered != expected_version or not answer.outputs:
+                    return _failed(
+                        target,
+                        expected_version,
+                        available,
+                        f"Predict was answered by version {answered} with outputs {sorted(answer.outputs)}",
+                    )
+    except grpc.RpcError as error:
+        code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+        details = error.details() if hasattr(error, "details") else str(error)
+        return _failed(target, expected_version, [], f"gRPC {code}: {details}")
+    return SmokeResult(
+        ok=True,
+        url=f"grpc://{target}",
+        expected_version=expected_version,
+        reported_versions=available,
+        message=f"version {expected_version} is AVAILABLE"
+        + (" and predicts" if predict else "")
+        + f" (gRPC, {route})",
+        route=f"grpc {route}",
     )
 
 

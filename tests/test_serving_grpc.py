@@ -421,3 +421,22 @@ def test_reflection_lists_tf_serving_services(channel: grpc.Channel) -> None:
     } <= set(database.get_services())
     service = DescriptorPool(database).FindServiceByName("tensorflow.serving.PredictionService")
     assert {"Predict", "Classify", "GetModelMetadata"} <= {method.name for method in service.methods}
+
+
+def test_the_rollout_smoke_test_speaks_grpc(two_versions: Running) -> None:
+    # What `tfloop deploy --smoke-grpc` runs after a rollout, against the real server: the candidate is
+    # asked on its pinned version, the live one unpinned; a version that is not served fails with the reason.
+    from k8s.smoke import grpc_smoke_test
+
+    candidate = grpc_smoke_test(target=two_versions.target, model_name=NAME, expected_version=2)
+    assert candidate.ok and candidate.reported_versions == ["2"] and "gRPC" in candidate.message
+    live = grpc_smoke_test(target=two_versions.target, model_name=NAME, expected_version=1, pinned=False)
+    assert live.ok, live.message
+    not_live = grpc_smoke_test(target=two_versions.target, model_name=NAME, expected_version=2, pinned=False)
+    assert not not_live.ok and "answered by version 1" in not_live.message
+    missing = grpc_smoke_test(target=two_versions.target, model_name=NAME, expected_version=7)
+    assert not missing.ok and "NOT_FOUND" in missing.message
+    unreachable = grpc_smoke_test(
+        target=f"127.0.0.1:{free_port()}", model_name=NAME, expected_version=1, timeout_s=2
+    )
+    assert not unreachable.ok and "UNAVAILABLE" in unreachable.message

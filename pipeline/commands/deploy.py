@@ -111,6 +111,14 @@ def deploy(
             "--smoke-url", help="Base URL of the Service for the smoke test (default: port-forward)."
         ),
     ] = None,
+    smoke_grpc: Annotated[
+        bool,
+        typer.Option(
+            "--smoke-grpc",
+            help="Smoke-test over TF Serving's gRPC API (port grpc, 8500) instead of REST; --smoke-url is "
+            "then HOST:PORT.",
+        ),
+    ] = False,
     no_smoke: Annotated[
         bool, typer.Option("--no-smoke", help="Skip the smoke test after the rollout.")
     ] = False,
@@ -153,7 +161,7 @@ def deploy(
         settings=settings,
         timeout_s=timeout,
         dry_run=dry_run,
-        smoke=SmokeSettings(enabled=not no_smoke, url=smoke_url),
+        smoke=SmokeSettings(enabled=not no_smoke, url=smoke_url, protocol="grpc" if smoke_grpc else "rest"),
         serving=serving,
         allow_pod_local_feedback=allow_pod_local_feedback,
         network_policy=network_policy,
