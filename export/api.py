@@ -1,8 +1,8 @@
 """Export entry points: an MLflow training run (or an in-memory Keras model) -> a verified, published version.
 
 ``export_run`` reads a training run's artifacts (``model/model.keras``, ``labels.json``,
-``train_config.json``), metrics (``val_accuracy``, ``val_macro_f1``) and tags, then for both entry points:
-build the SavedModel in a temporary folder, verify it against the Keras model, publish it as the next
+``train_config.json``), metrics (test and validation accuracy and macro F1) and tags, then for both entry
+points: build the SavedModel in a temporary folder, verify it against the Keras model, publish it as the next
 version below ``<base>/<model_name>/`` and (for runs) register it in the MLflow Model Registry with the
 alias ``challenger``. A failed verification publishes and registers nothing.
 
@@ -34,7 +34,13 @@ if TYPE_CHECKING:
 MODEL_ARTIFACT = "model/model.keras"
 LABELS_ARTIFACT = "labels.json"
 CONFIG_ARTIFACT = "train_config.json"
-METRIC_NAMES = {"val_accuracy": "accuracy", "val_macro_f1": "macro_f1"}
+# The test split scores the exported model (the validation split picked its epochs): those are its metrics.
+METRIC_NAMES = {
+    "test_accuracy": "accuracy",
+    "test_macro_f1": "macro_f1",
+    "val_accuracy": "validation_accuracy",
+    "val_macro_f1": "validation_macro_f1",
+}
 MODEL_NAME_TAG = "tfloop.model_name"
 FINGERPRINT_TAG = "tfloop.dataset_fingerprint"
 

@@ -1,7 +1,7 @@
 """The MLflow Model Registry side of export: register published versions, move aliases, find the champion.
 
 Each published SavedModel version becomes one registered model version (same model name), linked to its
-training run, with tags naming the export URI, the integer serving version and the validation metrics, and
+training run, with tags naming the export URI, the integer serving version and the metrics, and
 the alias ``challenger``. :func:`champion_version` tells the gate and the rollout which serving version is
 the current champion.
 

@@ -60,8 +60,10 @@ def store(tmp_path_factory) -> dict[str, str]:
         client.log_artifact(logged, str(files / "labels.json"))
         client.log_artifact(logged, str(files / "train_config.json"))
         client.log_param(logged, "backbone", "tiny")
-        client.log_metric(logged, "val_accuracy", 0.75)
-        client.log_metric(logged, "val_macro_f1", 0.7)
+        client.log_metric(logged, "val_accuracy", 0.8)
+        client.log_metric(logged, "val_macro_f1", 0.78)
+        client.log_metric(logged, "test_accuracy", 0.75)
+        client.log_metric(logged, "test_macro_f1", 0.7)
         client.set_terminated(logged)
     return {"tracking_uri": tracking_uri, "run_id": run_id, "run_id_2": run_ids[1], "root": str(root)}
 
@@ -82,7 +84,12 @@ def test_export_run_publishes_registers_and_promotes(store, tmp_path):
     assert first.path == str(tmp_path / "models" / "shapes" / "1")
     meta = json.loads(Path(first.path, "tfloop.json").read_text())
     assert meta["run_id"] == store["run_id"]
-    assert meta["metrics"] == {"accuracy": 0.75, "macro_f1": 0.7}
+    assert meta["metrics"] == {  # the test split's scores are the model's; validation only picked epochs
+        "accuracy": 0.75,
+        "macro_f1": 0.7,
+        "validation_accuracy": 0.8,
+        "validation_macro_f1": 0.78,
+    }
     assert meta["dataset_fingerprint"] == "fp-1"
     assert meta["backbone"] == "tiny"
     assert meta["version"] == 1 and first.metadata["version"] == 1
@@ -124,7 +131,7 @@ def test_export_run_publishes_registers_and_promotes(store, tmp_path):
     assert champion.registered_version == first.registered_version
     assert champion.serving_version == 1
     assert champion.export_uri == first.path
-    assert champion.metrics == {"accuracy": 0.75, "macro_f1": 0.7}
+    assert champion.metrics == meta["metrics"]
 
     promote("shapes", second.registered_version, tracking_uri=store["tracking_uri"])
     assert champion_version("shapes", tracking_uri=store["tracking_uri"]).serving_version == 2
