@@ -276,7 +276,9 @@ def _add_routes(app: FastAPI) -> None:
         ] = None,
     ) -> FeedbackResponse:
         """Queue a corrected label (202) for an earlier classification (``prediction_id`` with the image
-        as ``file``) or for an image alone."""
+        as ``file``) or for an image alone. The same image and label again (pending or already trained
+        on) answers ``duplicate``. In production mode the token is required and each client is
+        rate-limited and capped per label (429 with Retry-After)."""
         try:
             client = client_key(request, trust_forwarded_for=services.settings.trust_forwarded_for)
             return await store_feedback(services, label, prediction_id, note, file, client=client)
