@@ -1,5 +1,5 @@
 """The serving HTTP API: ``create_app(settings)`` builds the FastAPI app with TF Serving's REST endpoints,
-``/classify``, ``/feedback``, health, metrics and the upload page.
+``/classify``, ``/feedback``, the review queue (``/review``), health, metrics and the upload page.
 
 The routes are thin: the shared services live in :mod:`serving.services`, the predict path in
 :mod:`serving.predict`, feedback intake in :mod:`serving.intake`, the middleware in
@@ -14,18 +14,20 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.errors import ModelNotReady, ServingError, TooManyRequests
+from serving.errors import FeedbackStoreError, ModelNotReady, NotFound, ServingError, TooManyRequests
 from serving.feedback import RecentImage
+from serving.images import MEDIA_TYPES
 from serving.intake import store_feedback
 from serving.middleware import INTERNAL_ERROR, BodyLimitMiddleware, MetricsMiddleware, error_response
 from serving.predict import (
@@ -37,18 +39,24 @@ from serving.predict import (
     predict_route,
     version_status,
 )
+from serving.review import ReviewQueue
 from serving.schemas import (
     ERRORS,
     ClassifyResponse,
     FeedbackResponse,
     LabelScore,
     PredictRequest,
+    ReviewResponse,
 )
 from serving.services import FeedbackTokenDep, Services, ServicesDep, build_services, client_key
 from serving.settings import ServingSettings
 from serving.tokens import MAX_TOKEN_CHARS
+from storage import StorageError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_REVIEW_LIMIT = 100
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # --- app -------------------------------------------------------------------------------------------
@@ -92,6 +100,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, INTERNAL_ERROR)
 
 
+def _review_queue(services: Services) -> ReviewQueue:
+    if services.review is None:
+        raise NotFound("the review queue is off on this server (TFLOOP_SERVE_REVIEW_MAX_ITEMS=0)")
+    return services.review
+
+
+async def _storage_call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking storage read in a thread; a storage failure is a retryable 503."""
+    try:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    except StorageError as error:
+        raise FeedbackStoreError(f"the review queue cannot be read, please retry: {error}") from error
+
+
 def _page() -> str:
     return resources.files("serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -105,6 +127,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
         await services.batcher.start()
         if services.events is not None:
             await services.events.start()
+        if services.observer is not None:
+            services.observer.start()
         poller = asyncio.create_task(_poll_versions(services), name="version-poller")
         try:
             yield
@@ -112,7 +136,11 @@ def create_app(settings: ServingSettings) -> FastAPI:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+            if services.observer is not None:
+                await services.observer.drain_shadows()
             await services.batcher.stop()
+            if services.observer is not None:
+                await asyncio.to_thread(services.observer.stop)
             if services.events is not None:
                 await services.events.stop()
 
@@ -285,6 +313,29 @@ def _add_routes(app: FastAPI) -> None:
         except ServingError:
             services.metrics.feedback.labels("refused").inc()
             raise
+
+    @app.get("/review", tags=["feedback"], response_model=ReviewResponse)
+    async def review(
+        services: ServicesDep,
+        _auth: FeedbackTokenDep,
+        limit: Annotated[int, Query(ge=1, le=MAX_REVIEW_LIMIT, description="Most items to list.")] = 20,
+    ) -> dict[str, Any]:
+        """Predictions the model was least sure of (margin under ``review_margin``), least confident first:
+        label one by posting its ``prediction_id`` and the right label to /feedback; it then leaves the
+        queue. Same token rules as /feedback."""
+        queue = _review_queue(services)
+        items, queued = await _storage_call(queue.items, limit=limit)
+        return {"items": [item.answer() for item in items], "queued": queued}
+
+    @app.get("/review/{sha256}/image", tags=["feedback"], response_class=Response)
+    async def review_image(sha256: str, services: ServicesDep, _auth: FeedbackTokenDep) -> Response:
+        """The image of a review item."""
+        queue = _review_queue(services)
+        found = await _storage_call(queue.image, sha256) if SHA256_HEX.fullmatch(sha256) else None
+        if found is None:
+            raise NotFound(f"no review item for image {sha256} (labelled, expired, or never queued)")
+        data, extension = found
+        return Response(data, media_type=MEDIA_TYPES.get(extension, "application/octet-stream"))
 
     @app.get("/feedback/stats", tags=["feedback"])
     async def feedback_stats(services: ServicesDep, _auth: FeedbackTokenDep) -> dict[str, Any]:

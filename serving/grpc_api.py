@@ -273,12 +273,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             except ServingError as error:
                 raise type(error)(f"{name}[{index}]: {error}") from error
         if len(images) == 1:
-            predictions = [await predict_image(self.services, model, images[0], where=f"{name}[0]")]
+            predictions = [
+                await predict_image(self.services, model, images[0], where=f"{name}[0]", protocol="grpc")
+            ]
         else:
             predictions = list(
                 await asyncio.gather(
                     *(
-                        predict_image(self.services, model, image, where=f"{name}[{i}]")
+                        predict_image(self.services, model, image, where=f"{name}[{i}]", protocol="grpc")
                         for i, image in enumerate(images)
                     )
                 )

@@ -22,6 +22,7 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"BM", "bmp"),
 )
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "gif": "gif", "bmp": "bmp"}
+MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp"}
 SUPPORTED = "JPEG, PNG, GIF or BMP"
 
 

@@ -1,20 +1,32 @@
 """Feedback intake: from a ``/feedback`` form to a stored queue item (label checked against the versions
-that could have made the prediction, the image matched to the signed prediction token, the event sent)."""
+that could have made the prediction, the image matched to the signed prediction token or taken from the
+review queue, the event sent, the labelled image out of the review queue)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from datetime import UTC, datetime
 
 from fastapi import UploadFile
 
-from serving.errors import ImageMismatch, ImageRequired, InvalidInput, LabelCapReached, ModelNotReady
+import storage
+from serving.errors import (
+    FeedbackStoreError,
+    ImageMismatch,
+    ImageRequired,
+    InvalidInput,
+    LabelCapReached,
+    ModelNotReady,
+)
 from serving.events import feedback_event
 from serving.feedback import FeedbackItem, check_label
 from serving.schemas import FeedbackResponse
 from serving.services import Services
 from serving.tokens import PredictionClaim
+
+logger = logging.getLogger(__name__)
 
 
 def _known_labels(services: Services, claim: PredictionClaim | None) -> list[str] | None:
@@ -45,6 +57,10 @@ async def _feedback_image(
     if claim is not None:
         kept = services.recent.get(claim.image_sha256)
         if kept is None:
+            reviewed = await _review_image(services, claim.image_sha256)
+            if reviewed is not None:
+                return reviewed
+        if kept is None:
             raise ImageRequired(
                 "send the image with the prediction_id (as 'file'): this server does not hold the classified "
                 "image (another replica may have classified it, or it was evicted)"
@@ -53,6 +69,28 @@ async def _feedback_image(
     raise InvalidInput(
         "send either the prediction_id of a classification with its image, or the image as 'file'"
     )
+
+
+async def _review_image(services: Services, image_sha256: str) -> tuple[bytes, str] | None:
+    """The review queue's copy of an image (any replica's), or None."""
+    if services.review is None:
+        return None
+    try:
+        return await asyncio.to_thread(services.review.image, image_sha256)
+    except storage.StorageError as error:
+        raise FeedbackStoreError(f"the review queue cannot be read, please retry: {error}") from error
+
+
+async def _leave_review(services: Services, image_sha256: str) -> None:
+    """A labelled image leaves the review queue (the feedback is stored already: a failure here only
+    leaves the item listed, and is logged)."""
+    if services.review is None:
+        return
+    try:
+        if await asyncio.to_thread(services.review.remove, image_sha256):
+            services.metrics.review.labels("reviewed").inc()
+    except storage.StorageError as error:
+        logger.warning("labelled image %s stays in the review queue: %s", image_sha256, error)
 
 
 async def store_feedback(
@@ -96,6 +134,7 @@ async def store_feedback(
     if services.limiter is not None and not receipt.duplicate:
         services.limiter.added(client, checked)
     services.metrics.feedback.labels("duplicate" if receipt.duplicate else "accepted").inc()
+    await _leave_review(services, receipt.image_sha256)
     if services.events is not None and not receipt.duplicate:
         services.events.emit(
             feedback_event(

@@ -6,11 +6,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+BYTES_BUCKETS = tuple(float(2**power) for power in range(10, 25, 2))  # 1 KiB .. 16 MiB
+PIXELS_BUCKETS = tuple(float(side * side) for side in (32, 64, 128, 224, 299, 512, 1024, 2048, 4096))
 
 
 class ServingMetrics:
     """Requests by protocol, route and status, latency, batch sizes, loaded version, feedback and event
-    outcomes."""
+    outcomes, and the drift watch's view of predictions: confidence, predicted classes, input size and
+    format, the prediction log, the review queue and the shadow candidate."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -54,4 +58,50 @@ class ServingMetrics:
         )
         self.predict_errors = Counter(
             "tfloop_predict_errors", "Images the model failed on after validation.", registry=self.registry
+        )
+        self.confidence = Histogram(
+            "tfloop_prediction_confidence",
+            "Top-1 score of each prediction, by model version.",
+            ["version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.predicted_class = Counter(
+            "tfloop_predicted_class",
+            "Predictions by model version and top-1 label (their shares: the predicted-class mix).",
+            ["version", "label"],
+            registry=self.registry,
+        )
+        self.input_bytes = Histogram(
+            "tfloop_input_bytes",
+            "Encoded size of each classified image.",
+            buckets=BYTES_BUCKETS,
+            registry=self.registry,
+        )
+        self.input_pixels = Histogram(
+            "tfloop_input_pixels",
+            "Width times height of each classified image.",
+            buckets=PIXELS_BUCKETS,
+            registry=self.registry,
+        )
+        self.input_format = Counter(
+            "tfloop_input_format", "Classified images by format.", ["format"], registry=self.registry
+        )
+        self.prediction_log = Counter(
+            "tfloop_prediction_log",
+            "Predictions by what the log did with them (written, sampled_out, dropped, failed).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.review = Counter(
+            "tfloop_review",
+            "Review queue changes (added, evicted, expired, reviewed, failed).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.shadow = Counter(
+            "tfloop_shadow",
+            "Shadow predictions of the candidate (agreed, disagreed, failed, skipped).",
+            ["result"],
+            registry=self.registry,
         )

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from serving.errors import InvalidInput, NotFound, ServingError
 from serving.images import check_image_header
 from serving.middleware import INTERNAL_ERROR, error_response
 from serving.model import DEFAULT_SIGNATURE, ImageJob, Prediction, ServedModel, VersionStatus
+from serving.observe import Observation
 from serving.schemas import PredictRequest
 from serving.services import LARGE_IMAGE_BYTES, Services
 
@@ -149,9 +151,32 @@ async def predict_route(
     return JSONResponse(content, headers={MODEL_VERSION_HEADER: str(model.version)})
 
 
-async def predict_image(services: Services, model: ServedModel, data: bytes, *, where: str) -> Prediction:
+async def predict_image(
+    services: Services, model: ServedModel, data: bytes, *, where: str, protocol: str = "rest"
+) -> Prediction:
     """One image (header checked) classified by ``model`` through the dynamic batcher; a model failure on
-    it alone is the client's 400."""
+    it alone is the client's 400. The answer is handed to the observer (log, review, shadow)."""
+    prediction = await _batched(services, model, data, where=where)
+    observer = services.observer
+    if observer is not None:
+        loaded = services.manager.loaded
+        observation = Observation(
+            prediction=prediction,
+            image=data,
+            model_name=model.name,
+            protocol=protocol,
+            at=time.time(),
+            live=model is loaded.live,
+        )
+        candidate = loaded.candidate
+        if observation.live and candidate is not None and candidate is not model and observer.wants_shadow():
+            observer.shadow(observation, candidate=candidate, answer=services.batched_answer)
+        else:
+            observer.observe(observation)
+    return prediction
+
+
+async def _batched(services: Services, model: ServedModel, data: bytes, *, where: str) -> Prediction:
     try:
         return await services.batcher.submit(ImageJob(model, data))
     except InvalidInput as error:

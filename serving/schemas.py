@@ -30,6 +30,23 @@ class FeedbackResponse(BaseModel):
     status: str = "accepted"
 
 
+class ReviewEntry(BaseModel):
+    prediction_id: str = Field(description="Send it to /feedback with the right label (no image needed).")
+    sha256: str
+    model_name: str
+    model_version: int = Field(description="The live version that made this prediction.")
+    top_k: list[LabelScore]
+    margin: float = Field(description="Top-1 minus top-2 score: the smaller, the less sure the model was.")
+    entropy: float
+    predicted_at: str
+    image_url: str = Field(description="The image, relative to the server (send the token, as for /review).")
+
+
+class ReviewResponse(BaseModel):
+    items: list[ReviewEntry] = Field(description="Least confident first.")
+    queued: int = Field(description="Items in the review queue in all.")
+
+
 class PredictRequest(BaseModel):
     """TF Serving's predict body: ``instances`` (row) or ``inputs`` (columnar)."""
 

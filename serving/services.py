@@ -1,6 +1,7 @@
 """The services every protocol handler shares, built once per app from its settings: the model manager,
 the dynamic batcher, the feedback queue, the signer of prediction tokens, the event sender, the in-flight
-count; and their FastAPI dependency aliases (``ServicesDep``, ``TokenDep``).
+count, the prediction observer and the review queue; and their FastAPI dependency aliases
+(``ServicesDep``, ``TokenDep``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from serving.images import ImageInfo, validate_image
 from serving.limits import FeedbackLimiter
 from serving.metrics import ServingMetrics
 from serving.model import ImageJob, ModelManager, Prediction, ServedModel, image_job_group, predict_jobs
+from serving.observe import PredictionObserver
+from serving.review import ReviewQueue
 from serving.settings import ServingSettings
 from serving.tokens import PredictionSigner, signer_for
 
@@ -71,6 +74,8 @@ class Services:
     events: PrefectEventSender | None
     in_flight: InFlight
     limiter: FeedbackLimiter | None = None
+    observer: PredictionObserver | None = None
+    review: ReviewQueue | None = None
     draining: bool = field(default=False)
 
     def drain(self) -> None:
@@ -78,6 +83,10 @@ class Services:
         if not self.draining:
             logger.info("draining: /readyz answers 503; requests are still served")
         self.draining = True
+
+    async def batched_answer(self, model: ServedModel, data: bytes) -> Prediction:
+        """``model``'s answer for one image through the batcher (the shadow candidate's path)."""
+        return await self.batcher.submit(ImageJob(model, data))
 
     async def validate(self, data: bytes) -> ImageInfo:
         """Validate an image (in a thread when it is large enough to take a while)."""
@@ -129,6 +138,15 @@ def build_services(settings: ServingSettings) -> Services:
             timeout_s=settings.event_timeout_s,
             on_result=lambda ok: metrics.events.labels("sent" if ok else "failed").inc(),
         )
+    signer = signer_for(settings.feedback_secret, ttl_s=settings.prediction_ttl_s)
+    review = (
+        ReviewQueue(settings.feedback_uri, max_items=settings.review_max_items, ttl_s=settings.review_ttl())
+        if settings.review_max_items > 0
+        else None
+    )
+    observer = None
+    if settings.prediction_log or review is not None or settings.shadow_sample > 0:
+        observer = PredictionObserver(settings, metrics=metrics, signer=signer, review=review)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -138,7 +156,7 @@ def build_services(settings: ServingSettings) -> Services:
         recent=RecentImages(
             max_items=settings.recent_predictions, max_bytes=settings.recent_predictions_bytes
         ),
-        signer=signer_for(settings.feedback_secret, ttl_s=settings.prediction_ttl_s),
+        signer=signer,
         events=events,
         in_flight=in_flight,
         limiter=(
@@ -151,6 +169,8 @@ def build_services(settings: ServingSettings) -> Services:
             if settings.production_mode
             else None
         ),
+        observer=observer,
+        review=review,
     )
 
 

@@ -166,6 +166,53 @@ class ServingSettings(BaseSettings):
         description="Take the client of a request from the first X-Forwarded-For address (only behind a "
         "proxy that sets it); otherwise the connection's address.",
     )
+    prediction_log: bool = Field(
+        default=True,
+        description="Record predictions to <feedback_uri>/predictions/<model>/ (content hash, version, "
+        "top-k, margin, entropy, size and format; never the image or the client), in batches written off the "
+        "request path.",
+    )
+    prediction_log_sample: float = Field(
+        default=1.0, ge=0, le=1, description="Share of predictions written to the log (1: every one)."
+    )
+    prediction_log_flush_s: float = Field(
+        default=10.0, gt=0, description="How often the logged predictions are written out as one batch."
+    )
+    prediction_log_max_pending: int = Field(
+        default=50_000,
+        ge=1,
+        description="Most predictions held in memory for the next batch; beyond it they are dropped (and "
+        'counted in tfloop_prediction_log{result="dropped"}).',
+    )
+    review_margin: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="A live prediction whose margin (top-1 minus top-2 score) is under this goes to the "
+        "review queue (<feedback_uri>/review/, GET /review) with its image.",
+    )
+    review_max_items: int = Field(
+        default=500,
+        ge=0,
+        description="Most items in the review queue: when full, a less confident prediction takes the place "
+        "of the most confident one. 0: no review queue, and no image is ever kept.",
+    )
+    review_ttl_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="How long an item stays in the review queue (at most prediction_ttl_s, so that its "
+        "prediction_id is still accepted).",
+    )
+    shadow_sample: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="While a candidate is loaded, the share of live predictions it also answers in the "
+        "background (never sent to the client); its answer and agreement go to the prediction log.",
+    )
+    shadow_max_in_flight: int = Field(
+        default=64, ge=1, description="Most shadow predictions waiting at once; more are skipped."
+    )
     prefect_api_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("TFLOOP_SERVE_PREFECT_API_URL", "PREFECT_API_URL", "prefect_api_url"),
@@ -210,6 +257,10 @@ class ServingSettings(BaseSettings):
         if self.production is not None:
             return self.production
         return self.feedback_uri.startswith("gs://")
+
+    def review_ttl(self) -> float:
+        """How long review items live: ``review_ttl_s``, at most as long as their prediction ids."""
+        return min(self.review_ttl_s, self.prediction_ttl_s)
 
     def discard_bytes(self) -> int:
         """Most bytes of a refused body read and dropped before the 413 (see ``max_discard_bytes``)."""
