@@ -11,7 +11,19 @@ import sys
 
 import typer
 
-from pipeline.commands import build, data, demo, deploy, export, feedback, flows, promote, serve, train
+from pipeline.commands import (
+    build,
+    data,
+    demo,
+    deploy,
+    export,
+    feedback,
+    flows,
+    monitor,
+    promote,
+    serve,
+    train,
+)
 from storage import TfloopError
 
 app = typer.Typer(
@@ -22,7 +34,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for stage in (data, train, export, promote, serve, build, deploy, flows, feedback, demo):
+for stage in (data, train, export, promote, serve, build, deploy, flows, feedback, monitor, demo):
     stage.register(app)
 
 

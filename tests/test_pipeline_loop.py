@@ -132,7 +132,9 @@ def test_flows_yaml_follows_the_prefect_schema() -> None:
     config = load_flows_file(ROOT / "flows.yaml")
     model = PrefectYamlModel.model_validate(config)
     names = {d.name: d for d in model.deployments}
-    assert set(names) == {"nightly-retrain", "feedback-retrain", "train-and-deploy"}
+    assert set(names) == {"nightly-retrain", "feedback-retrain", "drift-retrain", "train-and-deploy"}
+    drift = {d["name"]: d for d in config["deployments"]}["drift-retrain"]["triggers"][0]
+    assert drift["expect"] == ["tfloop.drift.detected"] and drift["threshold"] == 1
     raw = {d["name"]: d for d in config["deployments"]}
     assert raw["nightly-retrain"]["schedules"][0]["cron"]
     trigger = raw["feedback-retrain"]["triggers"][0]

@@ -15,6 +15,7 @@ import pytest
 
 import storage
 from training.demo_data import make_demo_dataset
+from training.drift import PIXELS_EDGES
 from training.evaluate import compute_report, evaluate_predict_fn
 
 pytestmark = pytest.mark.model
@@ -143,6 +144,19 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
         rtol=1e-4,
     )
     assert not (tmp_path / "ckpt" / "state.json").exists()
+
+    reference = json.loads((downloaded / "drift" / "reference.json").read_text())
+    train_labels = [r.label for r in result.dataset.side("train")]
+    assert reference["labels"] == list(LABELS)
+    assert reference["class_prior"] == pytest.approx(
+        [train_labels.count(label) / len(train_labels) for label in LABELS]
+    )
+    confusion = np.asarray(result.eval_report.confusion)
+    assert reference["test_items"] == result.eval_report.n
+    assert reference["predicted_shares"] == pytest.approx((confusion.sum(axis=0) / confusion.sum()).tolist())
+    assert sum(reference["confidence"]) == pytest.approx(1.0)
+    pixel_bin = int(np.searchsorted(PIXELS_EDGES, SIZE * SIZE, side="right")) - 1  # every test image's size
+    assert reference["input_pixels"][pixel_bin] == pytest.approx(1.0)
 
 
 @pytest.mark.slow

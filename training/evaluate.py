@@ -87,18 +87,33 @@ def evaluate_model(
     batch_size: int = 32,
 ) -> EvalReport:
     """Evaluate a Keras classifier (output order ``labels``) on ``records`` read from their local paths."""
+    return evaluate_model_answers(model, records, labels, image_size=image_size, batch_size=batch_size)[0]
+
+
+def evaluate_model_answers(
+    model: keras.Model,
+    records: Sequence[FileRecord],
+    labels: Sequence[str],
+    *,
+    image_size: int,
+    batch_size: int = 32,
+) -> tuple[EvalReport, list[int], list[float]]:
+    """:func:`evaluate_model`'s report, with the model's answer for each record (predicted label index and
+    top-1 score, in record order)."""
     if not records:
-        return compute_report([], [], labels)
+        return compute_report([], [], labels), [], []
     dataset = make_image_dataset(
         records, labels, image_size=image_size, batch_size=batch_size, training=False, cache=False
     )
     y_true: list[int] = []
     y_pred: list[int] = []
+    scores: list[float] = []
     for images, targets in dataset:
-        probabilities = model(images, training=False)
-        y_pred.extend(np.argmax(np.asarray(probabilities), axis=-1).tolist())
+        probabilities = np.asarray(model(images, training=False))
+        y_pred.extend(np.argmax(probabilities, axis=-1).tolist())
+        scores.extend(np.max(probabilities, axis=-1).astype(float).tolist())
         y_true.extend(np.asarray(targets).tolist())
-    return compute_report(y_true, y_pred, labels)
+    return compute_report(y_true, y_pred, labels), y_pred, scores
 
 
 def evaluate_predict_fn(

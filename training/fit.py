@@ -42,6 +42,7 @@ from storage import TfloopError
 from training.accel import DeviceSetup, Distribute, JitCompile, Precision, choose_devices, shard_by_data
 from training.data import AugmentConfig, DataReport, FileRecord, ScannedDataset, report_json, scan_dataset
 from training.distribute import WorkerTracker
+from training.drift import REFERENCE_ARTIFACT, DriftReference, build_reference, image_sizes
 from training.evaluate import EvalReport
 from training.tracking import FINGERPRINT_TAG, MODEL_NAME_TAG, RunTracker, TrackingSettings
 
@@ -611,6 +612,23 @@ def _float32_copy(model: keras.Model, config: TrainConfig, num_classes: int) -> 
     return clean
 
 
+def drift_reference(
+    dataset: ScannedDataset, labels: Sequence[str], *, predicted: Sequence[int], scores: Sequence[float]
+) -> DriftReference:
+    """The run's reference for the drift watch: training label shares, and the test split's answers and
+    image sizes (``predicted`` and ``scores`` in the test split's record order)."""
+    test = dataset.side("test")
+    sizes = image_sizes([record.read_bytes() for record in test])
+    return build_reference(
+        labels=labels,
+        train_labels=[record.label for record in dataset.side("train")],
+        test_predicted=[labels[int(index)] for index in predicted],
+        test_confidences=scores,
+        test_bytes=[encoded for encoded, _ in sizes],
+        test_pixels=[pixels for _, pixels in sizes],
+    )
+
+
 def train(
     config: TrainConfig,
     *,
@@ -670,7 +688,7 @@ def train(
     import keras
 
     from training.data import make_image_dataset
-    from training.evaluate import evaluate_model
+    from training.evaluate import evaluate_model, evaluate_model_answers
     from training.models import build_model, resolve_weights, save_model
     from training.plots import confusion_matrix_figure, training_curves_figure
 
@@ -764,15 +782,15 @@ def train(
             # single-device run.
             model = _float32_copy(model, config, len(labels))
 
-        validation_report, report = (
-            evaluate_model(
-                model,
-                dataset.side(split),
-                labels,
-                image_size=config.image_size,
-                batch_size=config.batch_size,
-            )
-            for split in ("validation", "test")
+        validation_report = evaluate_model(
+            model,
+            dataset.side("validation"),
+            labels,
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+        )
+        report, test_predicted, test_scores = evaluate_model_answers(
+            model, dataset.side("test"), labels, image_size=config.image_size, batch_size=config.batch_size
         )
         history, starts = _combined_history(state, phases)
         tracker.log_metrics(
@@ -788,6 +806,10 @@ def train(
         )
         tracker.log_dict(report.to_dict(), "eval_report.json")
         tracker.log_dict(validation_report.to_dict(), "validation_report.json")
+        tracker.log_dict(
+            drift_reference(dataset, labels, predicted=test_predicted, scores=test_scores).to_dict(),
+            REFERENCE_ARTIFACT,
+        )
         tracker.log_figure(
             confusion_matrix_figure(report, title="Test confusion matrix"), "confusion_matrix.png"
         )
