@@ -1,10 +1,11 @@
 """Export entry points: an MLflow training run (or an in-memory Keras model) -> a verified, published version.
 
 ``export_run`` reads a training run's artifacts (``model/model.keras``, ``labels.json``,
-``train_config.json``), metrics (test and validation accuracy and macro F1) and tags, then for both entry
-points: build the SavedModel in a temporary folder, verify it against the Keras model, publish it as the next
-version below ``<base>/<model_name>/`` and (for runs) register it in the MLflow Model Registry with the
-alias ``challenger``. A failed verification publishes and registers nothing.
+``train_config.json``, and the drift reference when the run has one), metrics (test and validation accuracy
+and macro F1) and tags, then for both entry points: build the SavedModel in a temporary folder, verify it
+against the Keras model, publish it (with the reference as ``reference.json``) as the next version below
+``<base>/<model_name>/`` and (for runs) register it in the MLflow Model Registry with the alias
+``challenger``. A failed verification publishes and registers nothing.
 
 A run is published once per base: exporting a run again (a retried flow task, a second ``tfloop export``)
 returns the complete version whose ``tfloop.json`` names the run, and registers it when a crash came
@@ -26,6 +27,7 @@ from export.publish import DEFAULT_STALE_AFTER_S, PublishedVersion, find_publish
 from export.registry import CHALLENGER, find_registered_version, register_version
 from export.savedmodel import DEFAULT_TOP_K, export_saved_model
 from export.verify import VerificationReport, verify_saved_model
+from storage.versions import REFERENCE_FILE
 
 if TYPE_CHECKING:
     import keras
@@ -76,9 +78,11 @@ def export_model(
     sample_images: Sequence[bytes] | None = None,
     top_k: int = DEFAULT_TOP_K,
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    extra_files: Mapping[str, bytes] | None = None,
     progress: Progress = _quiet,
 ) -> ExportResult:
-    """Export, verify and publish an in-memory Keras model (no registry). Returns the published version."""
+    """Export, verify and publish an in-memory Keras model (no registry). Returns the published version.
+    ``extra_files`` (name -> content) go into the version folder beside ``tfloop.json``."""
     with tempfile.TemporaryDirectory(prefix="tfloop-export-") as scratch:
         progress("building the SavedModel (decode + resize + model, two signatures)")
         exported = export_saved_model(
@@ -92,6 +96,7 @@ def export_model(
             dataset_fingerprint=dataset_fingerprint,
             warmup_images=sample_images,
             top_k=top_k,
+            extra_files=extra_files,
         )
         progress("verifying the SavedModel against the Keras model")
         report = verify_saved_model(
@@ -133,6 +138,20 @@ def _download(run_id: str, artifact: str, target: Path, tracking_uri: str) -> Pa
         raise ExportError(
             f"run {run_id} has no usable artifact {artifact!r} ({error}); export a run made by `tfloop train`"
         ) from error
+
+
+def _download_optional(run_id: str, artifact: str, target: Path, tracking_uri: str) -> bytes | None:
+    """An artifact's bytes, or None when the run has none (runs logged before it existed)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=str(target), tracking_uri=tracking_uri
+        )
+        return Path(path).read_bytes()
+    except (MlflowException, OSError):
+        return None
 
 
 def _load_keras_model(path: Path) -> keras.Model:
@@ -264,6 +283,11 @@ def export_run(
                 progress=progress,
             )
         model_file = _download(run_id, MODEL_ARTIFACT, workdir, tracking_uri)
+        from training.drift import REFERENCE_ARTIFACT
+
+        reference = _download_optional(run_id, REFERENCE_ARTIFACT, workdir, tracking_uri)
+        if reference is None:
+            progress(f"run {run_id} has no {REFERENCE_ARTIFACT}: `tfloop monitor` cannot watch this version")
         progress("loading the Keras model")
         model = _load_keras_model(model_file)
         if sample_images is None:
@@ -285,6 +309,7 @@ def export_run(
             metrics=metrics,
             dataset_fingerprint=fingerprint,
             sample_images=sample_images,
+            extra_files={REFERENCE_FILE: reference} if reference is not None else None,
             progress=progress,
         )
 

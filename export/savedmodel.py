@@ -13,8 +13,9 @@ Both return ``classes`` (``tf.string [None, k]``, top-k labels), ``scores`` (``f
 anywhere in a batch makes the call raise ``tf.errors.InvalidArgumentError`` for that call only (the
 process and the loaded model stay usable); servers validate each image before batching.
 
-The folder also holds ``assets/labels.txt``, ``tfloop.json`` and the warmup records. It is written to a
-local folder; :mod:`export.publish` turns it into a numbered version on a local or ``gs://`` base.
+The folder also holds ``assets/labels.txt``, ``tfloop.json``, the warmup records and any extra files the
+caller passes (the training run's ``reference.json`` for the drift watch). It is written to a local folder;
+:mod:`export.publish` turns it into a numbered version on a local or ``gs://`` base.
 """
 
 from __future__ import annotations
@@ -183,12 +184,14 @@ def export_saved_model(
     dataset_fingerprint: str | None = None,
     warmup_images: Sequence[bytes] | None = None,
     top_k: int = DEFAULT_TOP_K,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> ExportedModel:
     """Write ``model`` as a SavedModel with both signatures, labels, ``tfloop.json`` and warmup records.
 
     ``export_dir`` is a local folder that must not exist yet or be empty. ``metrics`` uses the contract's
     keys (``accuracy``, ``macro_f1``). ``warmup_images`` are encoded images (default: a few synthetic
-    ones). Raises :class:`ExportError` when the model or labels do not fit the contract.
+    ones). ``extra_files`` (plain file names -> content) are written beside ``tfloop.json``. Raises
+    :class:`ExportError` when the model or labels do not fit the contract.
     """
     import tensorflow as tf
 
@@ -208,6 +211,12 @@ def export_saved_model(
         )
     if top_k < 1:
         raise ExportError(f"top_k must be at least 1, got {top_k}")
+    extra = dict(extra_files or {})
+    reserved = {METADATA_FILE, "saved_model.pb", "variables", "assets", "assets.extra"}
+    if any(Path(name).name != name or name in reserved for name in extra):
+        raise ExportError(
+            f"extra files must be plain file names other than {sorted(reserved)}, got {sorted(extra)}"
+        )
     target = Path(export_dir)
     if target.exists() and any(target.iterdir()):
         raise ExportError(f"{target} is not empty; export into a new folder")
@@ -237,6 +246,8 @@ def export_saved_model(
         top_k=top_k,
     )
     write_metadata(target, metadata)
+    for name, content in extra.items():
+        (target / name).write_bytes(content)
     samples = list(warmup_images) if warmup_images else synthetic_sample_images(image_size)
     write_warmup_file(target, samples, model_name=model_name)
     return ExportedModel(path=target, metadata=metadata)

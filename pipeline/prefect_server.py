@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from pipeline.feedback_queue import FEEDBACK_EVENT
 from storage import TfloopError
 
 SERVER_INFO_FILE = "tfloop-server.json"
@@ -307,6 +308,8 @@ def apply_deploy_options(
         if options.parameters:
             deployment["parameters"] = {**(deployment.get("parameters") or {}), **options.parameters}
         for trigger in deployment.get("triggers") or []:
+            if FEEDBACK_EVENT not in (trigger.get("expect") or []):
+                continue  # the drift trigger fires on one event, whatever the feedback threshold
             if options.feedback_threshold is not None:
                 trigger["threshold"] = options.feedback_threshold
             if options.feedback_within_s is not None:

@@ -21,6 +21,7 @@ from storage.core import StorageError, exists, join, list_dirs, read_text, write
 
 COMPLETE_MARKER = "saved_model.pb"
 METADATA_FILE = "tfloop.json"
+REFERENCE_FILE = "reference.json"  # the training run's drift reference (training.drift.DriftReference)
 LIVE_POINTER_FILE = "live.json"
 LIVE_LABEL = "live"
 CANDIDATE_LABEL = "candidate"

@@ -201,6 +201,21 @@ def test_export_rejects_contract_violations(model, tmp_path):
     (tmp_path / "c" / "x").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
         export_saved_model(model, tmp_path / "c", labels=LABELS, model_name="m")
+    for name in ("tfloop.json", "../reference.json"):
+        with pytest.raises(ExportError, match="plain file names"):
+            export_saved_model(
+                model, tmp_path / "d", labels=LABELS, model_name="m", extra_files={name: b"{}"}
+            )
+
+
+def test_extra_files_sit_beside_tfloop_json(model, tmp_path):
+    from export.savedmodel import export_saved_model
+
+    exported = export_saved_model(
+        model, tmp_path / "e", labels=LABELS, model_name="m", extra_files={"reference.json": b'{"a": 1}'}
+    )
+    assert (exported.path / "reference.json").read_bytes() == b'{"a": 1}'
+    assert (exported.path / "saved_model.pb").is_file()
 
 
 def test_warmup_file_parses_as_prediction_logs(exported):

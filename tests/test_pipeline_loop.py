@@ -162,6 +162,11 @@ def test_deploy_options_override_threshold_pool_and_selection() -> None:
     assert variables["image"] == "reg/tfloop-train:1"
     assert "MLFLOW_TRACKING_URI" not in variables["env"]  # unset variables are dropped, not sent as templates
     assert config["deployments"][1]["triggers"][0]["threshold"] == 50  # the original is untouched
+    every = {
+        d["name"]: d for d in apply_deploy_options(config, DeployOptions(feedback_threshold=7))["deployments"]
+    }
+    assert every["feedback-retrain"]["triggers"][0]["threshold"] == 7
+    assert every["drift-retrain"]["triggers"][0]["threshold"] == 1  # one drift event is enough, always
     with pytest.raises(PrefectServerError, match="unknown deployment"):
         apply_deploy_options(config, DeployOptions(names=("nope",)))
     with pytest.raises(PrefectServerError, match="work pool kind"):

@@ -15,7 +15,7 @@ import pytest
 
 import storage
 from training.demo_data import make_demo_dataset
-from training.drift import PIXELS_EDGES
+from training.drift import BYTES_EDGES, SIDE_EDGES, DriftReference
 from training.evaluate import compute_report, evaluate_predict_fn
 
 pytestmark = pytest.mark.model
@@ -146,8 +146,9 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
     assert not (tmp_path / "ckpt" / "state.json").exists()
 
     reference = json.loads((downloaded / "drift" / "reference.json").read_text())
-    train_labels = [r.label for r in result.dataset.side("train")]
-    assert reference["labels"] == list(LABELS)
+    train_records = result.dataset.side("train")
+    train_labels = [r.label for r in train_records]
+    assert reference["labels"] == list(LABELS) and reference["train_items"] == len(train_records)
     assert reference["class_prior"] == pytest.approx(
         [train_labels.count(label) / len(train_labels) for label in LABELS]
     )
@@ -155,8 +156,22 @@ def test_train_from_scratch_on_a_local_folder_logs_everything(dataset: Path, tmp
     assert reference["test_items"] == result.eval_report.n
     assert reference["predicted_shares"] == pytest.approx((confusion.sum(axis=0) / confusion.sum()).tolist())
     assert sum(reference["confidence"]) == pytest.approx(1.0)
-    pixel_bin = int(np.searchsorted(PIXELS_EDGES, SIZE * SIZE, side="right")) - 1  # every test image's size
-    assert reference["input_pixels"][pixel_bin] == pytest.approx(1.0)
+    # the input statistics are the training images': every demo image is a SIZE x SIZE JPEG
+    assert reference["input_items"] == len(train_records) and reference["input_formats"] == {"jpeg": 1.0}
+    side_bin = int(np.searchsorted(SIDE_EDGES, SIZE, side="right")) - 1
+    assert reference["input_width"][side_bin] == pytest.approx(1.0)
+    assert reference["input_height"][side_bin] == pytest.approx(1.0)
+    sizes, _ = np.histogram([Path(r.local_path).stat().st_size for r in train_records], bins=BYTES_EDGES)
+    assert reference["input_bytes"] == pytest.approx((sizes / sizes.sum()).tolist())
+
+    # export carries the reference into the published version, where `tfloop monitor` reads it
+    from export.api import export_run
+
+    exported = export_run(
+        result.run_id, base=str(tmp_path / "models"), tracking_uri=tracking.tracking_uri, register=False
+    )
+    carried = json.loads((Path(exported.path) / "reference.json").read_text())
+    assert DriftReference.from_dict(carried) == DriftReference.from_dict(reference)
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from storage import TfloopError
 from training.accel import DeviceSetup, Distribute, JitCompile, Precision, choose_devices, shard_by_data
 from training.data import AugmentConfig, DataReport, FileRecord, ScannedDataset, report_json, scan_dataset
 from training.distribute import WorkerTracker
-from training.drift import REFERENCE_ARTIFACT, DriftReference, build_reference, image_sizes
+from training.drift import REFERENCE_ARTIFACT, DriftReference, build_reference, read_input_stats
 from training.evaluate import EvalReport
 from training.tracking import FINGERPRINT_TAG, MODEL_NAME_TAG, RunTracker, TrackingSettings
 
@@ -615,17 +615,16 @@ def _float32_copy(model: keras.Model, config: TrainConfig, num_classes: int) -> 
 def drift_reference(
     dataset: ScannedDataset, labels: Sequence[str], *, predicted: Sequence[int], scores: Sequence[float]
 ) -> DriftReference:
-    """The run's reference for the drift watch: training label shares, and the test split's answers and
-    image sizes (``predicted`` and ``scores`` in the test split's record order)."""
-    test = dataset.side("test")
-    sizes = image_sizes([record.read_bytes() for record in test])
+    """The run's reference for the drift watch: the training split's label shares and image headers (a
+    sample of at most ``INPUT_SAMPLE``), and the model's answers on the test split (``predicted`` and
+    ``scores`` in the test split's record order)."""
+    train_records = dataset.side("train")
     return build_reference(
         labels=labels,
-        train_labels=[record.label for record in dataset.side("train")],
+        train_labels=[record.label for record in train_records],
         test_predicted=[labels[int(index)] for index in predicted],
         test_confidences=scores,
-        test_bytes=[encoded for encoded, _ in sizes],
-        test_pixels=[pixels for _, pixels in sizes],
+        inputs=read_input_stats([record.local_path for record in train_records]),
     )
 
 

@@ -88,37 +88,42 @@ def monitor_command(
     """Compare recent predictions with the training run's reference and say whether traffic drifted.
 
     Reads the prediction log the serving replicas write below the feedback queue, keeps the window's
-    predictions of the watched version, and compares them with what its training run saw and answered on
-    the test split: population stability index (PSI) on predicted-class shares, top-1 confidence, input
-    bytes and pixels, and a chi-square test on the class counts. Writes a PNG report, logs the figures to
-    MLflow (experiment <name>-monitor) and, on drift, sends the Prefect event tfloop.drift.detected (the
-    flows.yaml deployment drift-retrain retrains on it; needs PREFECT_API_URL).
+    predictions of the watched version, and compares them with the reference the version carries
+    (reference.json, written by its training run): population stability index (PSI) of the predicted-class
+    shares against the training split's class prior, of the top-1 confidence against the test split's, and
+    of the input bytes, width, height and format against the training images'; and a chi-square test of
+    the class counts. Writes a PNG report, logs the values and the figure to MLflow (experiment
+    <name>-monitor) and, on drift, sends the Prefect event tfloop.drift.detected (resource
+    tfloop.model.<name>; the flows.yaml deployment drift-retrain retrains on it; needs PREFECT_API_URL).
 
-    Exit code: 0 no drift (or too few predictions), 3 drift detected, 1 the watch could not run.
+    Exit code: 0 no drift (or too few predictions to tell), 3 drift detected, 1 the watch could not run
+    (no published version, no reference, no prediction log).
     """
     from pipeline.monitor import MonitorError, MonitorRequest, run_monitor
     from pipeline.settings import TfloopSettings
+    from storage.versions import live_version
     from training.drift import DriftOptions
 
     settings = TfloopSettings()
     now = datetime.now(UTC)
     name = model_name or settings.model_name
+    base = model_base or settings.models_uri
+    version = model_version or live_version(base, name)
     request = MonitorRequest(
         model_name=name,
-        model_base=model_base or settings.models_uri,
+        model_base=base,
         feedback_uri=feedback_uri or settings.feedback_root,
         tracking_uri=tracking_uri or settings.tracking_uri,
         since=parse_since(since, now=now),
         until=parse_since(until, now=now) if until else None,
-        model_version=model_version,
+        model_version=version,
         all_versions=all_versions,
         options=DriftOptions(
             psi_threshold=psi_threshold, chi_square_alpha=alpha, min_predictions=min_predictions
         ),
     )
+    path = report or settings.home_dir / "monitor" / f"{name}-v{version}.png"
     try:
-        version_hint = model_version or "live"
-        path = report or settings.home_dir / "monitor" / f"{name}-v{version_hint}.png"
         result = run_monitor(request, report_path=path, emit=not no_event)
     except MonitorError as error:
         fail(str(error))
@@ -126,30 +131,24 @@ def monitor_command(
     if json_output:
         emit_json(result.to_dict())
     else:
-        verdict = (
-            "DRIFT"
-            if drift.drift
-            else (
-                f"too few predictions to tell ({drift.predictions} < {min_predictions})"
-                if not drift.enough
-                else "no drift"
-            )
-        )
+        verdict = drift.verdict.upper() if drift.drift else drift.verdict
+        if not drift.enough:
+            verdict += f" to tell ({drift.predictions} < {min_predictions})"
         typer.echo(
             f"{name} version {result.model_version}: {verdict} "
             f"({drift.predictions} predictions since {result.since})"
         )
+        typer.echo(f"  {'check':<24} {'statistic':<13} {'value':>8}  {'threshold':>9}  verdict")
         for check in drift.checks:
             mark = "DRIFT" if check.drifted else "ok"
             typer.echo(
-                f"  {check.name:<24} {check.statistic:<13} {check.value:8.4f}  "
-                f"threshold {check.threshold:g}  {mark}"
+                f"  {check.name:<24} {check.statistic:<13} {check.value:8.4f}  {check.threshold:>9g}  {mark}"
             )
         typer.echo(f"report: {result.report_png}")
     if result.event_emitted:
         info(f"sent tfloop.drift.detected for tfloop.model.{name}", quiet=json_output)
-    elif drift.drift and not no_event:
-        info("drift, but no Prefect event sent: set PREFECT_API_URL", quiet=json_output)
+    elif result.event_error:
+        typer.secho(f"warning: drift, but no Prefect event sent: {result.event_error}", err=True)
     if drift.drift:
         raise typer.Exit(DRIFT_EXIT_CODE)
 
