@@ -210,6 +210,15 @@ def _run_loop(
         quarantined=tuple(outcome.quarantined),
     )
     result.feedback_consumed = consumed.moved + consumed.already_moved
+    opinion = tasks.second_opinion(
+        feedback_root=settings.feedback_root, model_name=settings.model_name, version=int(exported["version"])
+    )
+    result.second_opinion = opinion.render()
+    create_markdown_artifact(
+        markdown=f"# Shadow candidate, version {exported['version']}\n\n{opinion.render()}\n",
+        key="shadow-report",
+        description=opinion.render()[:500],
+    )
     if not delivery.promote:
         result.skipped.append(
             f"promotion: delivery.promote=false; version {exported['version']} stays a candidate until "

@@ -44,6 +44,7 @@ class LoopResult:
     live_version: int | None = None
     live_previous: int | None = None
     promoted: bool = False
+    second_opinion: str | None = None
     skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +78,8 @@ def format_summary(result: LoopResult) -> str:
             f"quarantined: {result.quarantined} image(s) under different labels, held out of training "
             "(listed in /feedback/stats; settle each with `tfloop feedback resolve SHA256 --label LABEL`)"
         )
+    if result.second_opinion:
+        lines.append(result.second_opinion)
     if result.champion_alias:
         lines.append(f"champion: {result.champion_alias}")
     if result.live_version is not None:

@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from k8s.errors import ForbiddenError, InvalidSettingsError, InvalidTargetError, NamespaceMissingError
-from pipeline import delivery, feedback_queue, loop, promotion
+from pipeline import delivery, feedback_queue, loop, promotion, shadow
 from training import gate
 
 # Errors a retry cannot fix: the same rollout would be rolled back again, the same settings refused again.
@@ -162,3 +162,9 @@ def promote(
         tracking_uri=tracking_uri,
         promoted_by=promoted_by,
     )
+
+
+@task(name="second-opinion", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
+def second_opinion(*, feedback_root: str, model_name: str, version: int) -> shadow.ShadowReport:
+    """The shadow candidate's agreement with live (and accuracy on reviewed items) from the prediction log."""
+    return shadow.shadow_report(feedback_uri=feedback_root, model_name=model_name, candidate_version=version)

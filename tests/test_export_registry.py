@@ -181,12 +181,20 @@ def test_cli_export_json_no_register_and_promote(store, tmp_path, monkeypatch):
     assert payload["registered_version"] is None
     assert payload["path"] == str(tmp_path / "home" / "models" / "shapes" / "1")  # default base
 
-    result = runner.invoke(
-        app, ["promote", "1", "--model-name", "cli-shapes", "--model-base", base, "--json"]
-    )
+    from tests.test_shadow import ANSWERS, write_shadow_log
+
+    write_shadow_log(str(tmp_path / "home" / "feedback"), ANSWERS, candidate=1, model_name="cli-shapes")
+    promote = ["promote", "1", "--model-name", "cli-shapes", "--model-base", base]
+    result = runner.invoke(app, [*promote, "--min-agreement", "0.9"])
+    assert result.exit_code == 1 and "under --min-agreement 0.9" in result.output
+    assert not (Path(base) / "cli-shapes" / "live.json").exists()
+    result = runner.invoke(app, [*promote, "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["version"] == 1 and payload["alias"] == "champion" and payload["previous"] is None
+    agreeing = sum(live == shadow for live, shadow, _ in ANSWERS)
+    assert payload["shadow"]["compared"] == len(ANSWERS) and payload["shadow"]["agreed"] == agreeing
+    assert "second opinion: on 7 live requests" in result.stderr
     pointer = json.loads((Path(base) / "cli-shapes" / "live.json").read_text())
     assert pointer["version"] == 1 and pointer["promoted_by"] == "tfloop promote"
 

@@ -106,6 +106,7 @@ def test_passing_path_exports_consumes_feedback_and_promotes(flow_env: Path) -> 
     consumed = storage.join(settings.feedback_root, "consumed", result["run_id"])
     assert sorted(storage.list_files(consumed)) == sorted(pending_before)
     assert "live: version 1 (promoted)" in summary.format_summary(summary.LoopResult.from_dict(result))
+    assert result["second_opinion"] == "second opinion: no shadow traffic recorded for version 1 yet"
 
     # A retried export task (e.g. after a crash before its result was stored) gets the same version.
     again = loop.export_candidate(

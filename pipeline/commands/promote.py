@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.commands._output import emit_json, info
+import storage
+from pipeline.commands._output import emit_json, fail, info
 
 
 def promote_command(
@@ -29,6 +30,24 @@ def promote_command(
             help="MLflow tracking URI. Default: MLFLOW_TRACKING_URI or SQLite in the state folder.",
         ),
     ] = None,
+    feedback_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--feedback-uri",
+            help="Feedback queue root holding the prediction log, for the shadow candidate's second opinion. "
+            "Default: TFLOOP_FEEDBACK_URI or <state folder>/feedback.",
+        ),
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(
+            "--min-agreement",
+            min=0.0,
+            max=1.0,
+            help="Refuse the promotion when the candidate answered live traffic in the shadow and agreed "
+            "with live less often than this (0-1).",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object last.")] = False,
 ) -> None:
     """Make VERSION live: write <base>/<name>/live.json and move the MLflow alias champion to it.
@@ -36,13 +55,34 @@ def promote_command(
     Serving replicas answer unpinned requests with the live version; versions published after it stay
     candidates (reachable at /v1/models/<name>/versions/<N>) until promoted. The version must be complete
     and registered. Running the same promotion again is harmless and repairs a half-done one.
+
+    Before promoting, prints the second opinion of the shadow candidate: while VERSION was the candidate,
+    the replicas had it answer a copy of live traffic; its agreement with live and the accuracy of both on
+    the images people labelled since come from the prediction log.
     """
     from export.registry import promote_version
     from pipeline.settings import TfloopSettings
+    from pipeline.shadow import shadow_report
 
     settings = TfloopSettings()
     name = model_name or settings.model_name
     base = model_base or settings.models_uri
+    try:
+        shadow = shadow_report(
+            feedback_uri=feedback_uri or settings.feedback_root, model_name=name, candidate_version=version
+        )
+    except storage.StorageError as error:
+        info(f"no second opinion: the prediction log cannot be read ({error})")
+        shadow = None
+    if shadow is not None:
+        info(shadow.render())
+        agreement = shadow.agreement
+        if min_agreement is not None and agreement is not None and agreement < min_agreement:
+            fail(
+                f"version {version} agreed with live on {100 * agreement:.1f}% of {shadow.compared} shadowed "
+                f"requests, under --min-agreement {min_agreement:g}: not promoted (look at the disagreements "
+                "in the prediction log, or promote without --min-agreement)"
+            )
     promotion = promote_version(
         model_name=name,
         model_base=base,
@@ -53,7 +93,7 @@ def promote_command(
     if not promotion.pointer_written:
         info(f"{promotion.live_pointer} already named version {version}; moved the alias only")
     if json_output:
-        emit_json(promotion.to_dict())
+        emit_json({**promotion.to_dict(), "shadow": shadow.to_dict() if shadow is not None else None})
         return
     previous = f" (was {promotion.previous})" if promotion.previous is not None else ""
     typer.echo(
