@@ -33,6 +33,7 @@ class MonitorRequest:
     tracking_uri: str
     since: datetime
     until: datetime | None = None
+    artifact_root: str | None = None  # where a new <model>-monitor experiment keeps its artifacts
     model_version: int | None = None  # None: the live version
     all_versions: bool = False  # count the predictions of every version, not only the watched one
     options: DriftOptions = field(default_factory=DriftOptions)
@@ -259,7 +260,11 @@ def log_monitor_run(request: MonitorRequest, *, version: int, report: DriftRepor
     client = MlflowClient(tracking_uri=request.tracking_uri)
     name = f"{request.model_name}-monitor"
     experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(name, artifact_location=request.artifact_root)
+    )
     run = client.create_run(
         experiment_id,
         tags={

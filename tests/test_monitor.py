@@ -216,6 +216,7 @@ def request_for(watched: dict[str, str], **overrides: Any) -> Any:
         model_base=watched["models"],
         feedback_uri=watched["feedback"],
         tracking_uri=watched["tracking"],
+        artifact_root=str(Path(watched["feedback"]).parent / "monitor-artifacts"),
         since=datetime.now(UTC) - timedelta(hours=2),
         **overrides,
     )

@@ -114,6 +114,7 @@ def monitor_command(
         model_base=base,
         feedback_uri=feedback_uri or settings.feedback_root,
         tracking_uri=tracking_uri or settings.tracking_uri,
+        artifact_root=settings.artifact_root,
         since=parse_since(since, now=now),
         until=parse_since(until, now=now) if until else None,
         model_version=version,
