@@ -205,21 +205,22 @@ def watched(tmp_path: Path) -> dict[str, str]:
         "tracking": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "models": models,
         "feedback": str(tmp_path / "feedback"),
+        "artifacts": str(tmp_path / "monitor-artifacts"),
     }
 
 
 def request_for(watched: dict[str, str], **overrides: Any) -> Any:
     from pipeline.monitor import MonitorRequest
 
-    return MonitorRequest(
-        model_name=NAME,
-        model_base=watched["models"],
-        feedback_uri=watched["feedback"],
-        tracking_uri=watched["tracking"],
-        artifact_root=str(Path(watched["feedback"]).parent / "monitor-artifacts"),
-        since=datetime.now(UTC) - timedelta(hours=2),
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "model_name": NAME,
+        "model_base": watched["models"],
+        "feedback_uri": watched["feedback"],
+        "tracking_uri": watched["tracking"],
+        "artifact_root": watched["artifacts"],
+        "since": datetime.now(UTC) - timedelta(hours=2),
+    }
+    return MonitorRequest(**(fields | overrides))
 
 
 @pytest.mark.slow
@@ -264,6 +265,7 @@ def test_the_watch_reads_a_version_and_a_log_on_gcs(gcs_bucket: str, tmp_path: P
         "tracking": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "models": f"{gcs_bucket}/models",
         "feedback": f"{gcs_bucket}/feedback",
+        "artifacts": str(tmp_path / "monitor-artifacts"),
     }
     publish(watched["models"], 1)
     write_log(watched["feedback"], draws(300, SKEWED, seed=7), now=datetime.now(UTC))
