@@ -22,7 +22,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,6 +56,27 @@ class Observation:
     shadow: ShadowAnswer | None = None
 
 
+@dataclass(frozen=True)
+class ReviewCandidate:
+    """A live prediction unsure enough for the review queue, with its image."""
+
+    record: PredictionRecord
+    image: bytes
+    at: float
+    extension: str
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One observation, measured: its record (logged or sampled out) and, if unsure, a review candidate."""
+
+    version: str
+    label: str
+    record: PredictionRecord
+    logged: bool
+    review: ReviewCandidate | None
+
+
 def writer_id() -> str:
     """A name for this process's log batches, unique among replicas: host (the pod), pid and a nonce."""
     host = re.sub(r"[^A-Za-z0-9]+", "-", socket.gethostname()).strip("-")[:40] or "host"
@@ -81,7 +102,9 @@ class PredictionObserver:
         self._pending: deque[Observation] = deque()
         self._unwritten: list[PredictionRecord] = []
         self._sequence = 0
-        self._last_expiry = 0.0
+        self._last_expiry = -EXPIRY_EVERY_S
+        self._offered: set[str] = set()  # image hashes offered to the review queue since the last expiry
+        self._sampled_out = 0
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -193,27 +216,35 @@ class PredictionObserver:
             observations: list[Observation] = []
             while self._pending:
                 observations.append(self._pending.popleft())
+            tally: Counter[tuple[str, str, str]] = Counter()  # (version, top label, format)
             records: list[PredictionRecord] = []
-            candidates: list[tuple[ReviewItem, bytes]] = []
+            candidates: dict[str, ReviewCandidate] = {}
             for observation in observations:
-                record, candidate = self._measure(observation)
-                if record is not None:
-                    records.append(record)
+                measured = self._measure(observation)
+                tally[measured.version, measured.label, measured.record.format] += 1
+                if measured.logged:
+                    records.append(measured.record)
+                candidate = measured.review
                 if candidate is not None:
-                    candidates.append(candidate)
+                    known = candidates.get(candidate.record.sha256)
+                    if known is None or candidate.record.margin < known.record.margin:
+                        candidates[candidate.record.sha256] = candidate
+            for (version, label, image_format), count in tally.items():
+                self.metrics.predicted_class.labels(version, label).inc(count)
+                self.metrics.input_format.labels(image_format).inc(count)
+            if self._sampled_out:
+                self.metrics.prediction_log.labels("sampled_out").inc(self._sampled_out)
+                self._sampled_out = 0
             self._write_log(records)
-            self._add_review(candidates)
+            self._add_review(list(candidates.values()))
             return len(records)
 
-    def _measure(
-        self, observation: Observation
-    ) -> tuple[PredictionRecord | None, tuple[ReviewItem, bytes] | None]:
+    def _measure(self, observation: Observation) -> Measured:
         prediction = observation.prediction
         confidence = confidence_of(prediction.probabilities)
         version = str(prediction.model_version)
         top_label = prediction.classes[0] if prediction.classes else ""
         self.metrics.confidence.labels(version).observe(confidence.top1)
-        self.metrics.predicted_class.labels(version, top_label).inc()
         self.metrics.input_bytes.observe(len(observation.image))
         try:
             info = check_image_header(observation.image, max_pixels=self.settings.max_image_pixels)
@@ -221,45 +252,14 @@ class PredictionObserver:
         except ServingError:  # answered, so the model decoded it; Pillow's header reader disagreed
             image_format, extension, width, height = "unknown", "bin", 0, 0
         self.metrics.input_pixels.observe(width * height)
-        self.metrics.input_format.labels(image_format).inc()
-        sha256 = hashlib.sha256(observation.image).hexdigest()
-        top_k = [
-            (label, round(float(score), 6))
-            for label, score in zip(prediction.classes[:TOP_K_LOGGED], prediction.scores, strict=False)
-        ]
-        candidate = None
-        if (
-            observation.live
-            and self.review is not None
-            and self.settings.review_max_items > 0
-            and confidence.margin < self.settings.review_margin
-        ):
-            item = ReviewItem(
-                sha256=sha256,
-                prediction_id=self.signer.issue(
-                    image_sha256=sha256,
-                    model_name=observation.model_name,
-                    model_version=prediction.model_version,
-                    top_k=top_k,
-                ),
-                model_name=observation.model_name,
-                model_version=prediction.model_version,
-                top_k=top_k,
-                margin=round(confidence.margin, 6),
-                entropy=round(confidence.entropy, 6),
-                time=observation.at,
-                extension=extension,
-            )
-            candidate = (item, observation.image)
-        sample = self.settings.prediction_log_sample
-        if not self.settings.prediction_log or (sample < 1.0 and random.random() >= sample):
-            self.metrics.prediction_log.labels("sampled_out").inc()
-            return None, candidate
         record = PredictionRecord(
-            sha256=sha256,
+            sha256=hashlib.sha256(observation.image).hexdigest(),
             model_name=observation.model_name,
             model_version=prediction.model_version,
-            top_k=top_k,
+            top_k=[
+                (label, round(float(score), 6))
+                for label, score in zip(prediction.classes[:TOP_K_LOGGED], prediction.scores, strict=False)
+            ],
             margin=round(confidence.margin, 6),
             entropy=round(confidence.entropy, 6),
             time=datetime.fromtimestamp(observation.at, UTC).isoformat(),
@@ -270,7 +270,21 @@ class PredictionObserver:
             protocol=observation.protocol,
             shadow=observation.shadow,
         )
-        return record, candidate
+        review = None
+        if (
+            observation.live
+            and self.review is not None
+            and self.settings.review_max_items > 0
+            and confidence.margin < self.settings.review_margin
+        ):
+            review = ReviewCandidate(
+                record=record, image=observation.image, at=observation.at, extension=extension
+            )
+        sample = self.settings.prediction_log_sample
+        logged = self.settings.prediction_log and (sample >= 1.0 or random.random() < sample)
+        if not logged:
+            self._sampled_out += 1
+        return Measured(version=version, label=top_label, record=record, logged=logged, review=review)
 
     def _write_log(self, records: list[PredictionRecord]) -> None:
         records = self._unwritten + records
@@ -298,19 +312,47 @@ class PredictionObserver:
                 continue
             self.metrics.prediction_log.labels("written").inc(len(batch))
 
-    def _add_review(self, candidates: list[tuple[ReviewItem, bytes]]) -> None:
+    def _add_review(self, candidates: list[ReviewCandidate]) -> None:
+        """Offer the queue the images it does not hold yet (as far as this replica knows: what it offered
+        since the last expiry), each with a freshly signed prediction id."""
         if self.review is None:
             return
         due = time.monotonic() - self._last_expiry > EXPIRY_EVERY_S
-        if not candidates and not due:
+        if due or len(self._offered) > 4 * max(self.settings.review_max_items, 1):
+            self._offered.clear()
+        fresh = [candidate for candidate in candidates if candidate.record.sha256 not in self._offered]
+        if not fresh and not due:
             return
-        self._last_expiry = time.monotonic()
         try:
-            counts = self.review.add(candidates)
+            counts = self.review.add([self._review_item(candidate) for candidate in fresh], expire=due)
         except storage.StorageError as error:
             logger.warning("review queue not updated: %s", error)
-            self.metrics.review.labels("failed").inc(len(candidates))
+            self.metrics.review.labels("failed").inc(len(fresh))
             return
+        if due:
+            self._last_expiry = time.monotonic()
+        self._offered.update(candidate.record.sha256 for candidate in fresh)
         for result, count in counts.items():
             if count:
                 self.metrics.review.labels(result).inc(count)
+
+    def _review_item(self, candidate: ReviewCandidate) -> tuple[ReviewItem, bytes]:
+        record = candidate.record
+        prediction_id = self.signer.issue(
+            image_sha256=record.sha256,
+            model_name=record.model_name,
+            model_version=record.model_version,
+            top_k=record.top_k,
+        )
+        item = ReviewItem(
+            sha256=record.sha256,
+            prediction_id=prediction_id,
+            model_name=record.model_name,
+            model_version=record.model_version,
+            top_k=record.top_k,
+            margin=record.margin,
+            entropy=record.entropy,
+            time=candidate.at,
+            extension=candidate.extension,
+        )
+        return item, candidate.image

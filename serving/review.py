@@ -123,14 +123,15 @@ class ReviewQueue:
         storage.delete(self._item_uri(item.name))
         storage.delete(self._image_uri(item.sha256, item.extension))
 
-    def add(self, candidates: Sequence[tuple[ReviewItem, bytes]]) -> dict[str, int]:
-        """Add the candidates (item, image) that belong in the bounded queue; expired items go. Counts of
-        ``added``, ``evicted`` and ``expired``."""
+    def add(self, candidates: Sequence[tuple[ReviewItem, bytes]], *, expire: bool = True) -> dict[str, int]:
+        """Add the candidates (item, image) that belong in the bounded queue; with ``expire``, expired items
+        go first (that reads every item). Counts of ``added``, ``evicted`` and ``expired``."""
         counts = {"added": 0, "evicted": 0, "expired": 0}
         if self.max_items == 0:
             return counts
         names = self.names()
-        counts["expired"] = self._expire(names)
+        if expire:
+            counts["expired"] = self._expire(names)
         held = {_sha_of(name): name for name in names}
         for item, image in sorted(candidates, key=lambda pair: pair[0].margin):
             if item.sha256 in held:

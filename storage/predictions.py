@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -57,10 +57,28 @@ class PredictionRecord:
         return self.top_k[0][1]
 
     def to_json(self) -> str:
-        data = asdict(self)
-        data["top_k"] = [[label, round(score, 6)] for label, score in self.top_k]
-        if self.shadow is None:
-            del data["shadow"]
+        data: dict[str, Any] = {
+            "sha256": self.sha256,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "top_k": [[label, round(score, 6)] for label, score in self.top_k],
+            "margin": self.margin,
+            "entropy": self.entropy,
+            "time": self.time,
+            "bytes": self.bytes,
+            "format": self.format,
+            "width": self.width,
+            "height": self.height,
+            "protocol": self.protocol,
+        }
+        if self.shadow is not None:
+            shadow = self.shadow
+            data["shadow"] = {
+                "version": shadow.version,
+                "label": shadow.label,
+                "score": shadow.score,
+                "agrees": shadow.agrees,
+            }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod

@@ -168,3 +168,31 @@ def test_local_writes_fsync_the_file_and_every_folder_they_created(
     synced_dirs = {path for path, is_dir in synced if is_dir}
     assert str(tmp_path / "queue" / "consumed" / "run" / "cat") in synced_dirs
     assert str(target.parent) in synced_dirs
+
+
+@pytest.mark.parametrize("with_shadow", [False, True])
+def test_a_prediction_record_round_trips_through_its_log_line(with_shadow: bool) -> None:
+    import dataclasses
+    import json
+
+    from storage.predictions import PredictionRecord, ShadowAnswer
+
+    record = PredictionRecord(
+        sha256="ab" * 32,
+        model_name="flowers",
+        model_version=3,
+        top_k=[("tulip", 0.612345), ("rose", 0.2)],
+        margin=0.412345,
+        entropy=0.9,
+        time="2026-12-03T09:00:00+00:00",
+        bytes=1234,
+        format="jpeg",
+        width=48,
+        height=40,
+        protocol="grpc",
+        shadow=ShadowAnswer(version=4, label="rose", score=0.7, agrees=False) if with_shadow else None,
+    )
+    line = json.loads(record.to_json())
+    expected = {field.name for field in dataclasses.fields(PredictionRecord)} - ({"shadow"} - line.keys())
+    assert set(line) == expected and ("shadow" in line) == with_shadow
+    assert PredictionRecord.from_dict(line) == record
