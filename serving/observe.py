@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import storage
@@ -70,8 +70,6 @@ class ReviewCandidate:
 class Measured:
     """One observation, measured: its record (logged or sampled out) and, if unsure, a review candidate."""
 
-    version: str
-    label: str
     record: PredictionRecord
     logged: bool
     review: ReviewCandidate | None
@@ -166,17 +164,7 @@ class PredictionObserver:
             score=round(float(shadow.scores[0]) if shadow.scores else 0.0, 6),
             agrees=agrees,
         )
-        self.observe(
-            Observation(
-                prediction=observation.prediction,
-                image=observation.image,
-                model_name=observation.model_name,
-                protocol=observation.protocol,
-                at=observation.at,
-                live=observation.live,
-                shadow=answer_record,
-            )
-        )
+        self.observe(replace(observation, shadow=answer_record))
 
     async def drain_shadows(self) -> None:
         """Wait for the shadow predictions in progress (at shutdown, after the batcher stopped taking new
@@ -221,7 +209,10 @@ class PredictionObserver:
             candidates: dict[str, ReviewCandidate] = {}
             for observation in observations:
                 measured = self._measure(observation)
-                tally[measured.version, measured.label, measured.record.format] += 1
+                record = measured.record
+                tally[
+                    str(record.model_version), record.top_k[0][0] if record.top_k else "", record.format
+                ] += 1
                 if measured.logged:
                     records.append(measured.record)
                 candidate = measured.review
@@ -243,7 +234,6 @@ class PredictionObserver:
         prediction = observation.prediction
         confidence = confidence_of(prediction.probabilities)
         version = str(prediction.model_version)
-        top_label = prediction.classes[0] if prediction.classes else ""
         self.metrics.confidence.labels(version).observe(confidence.top1)
         self.metrics.input_bytes.observe(len(observation.image))
         try:
@@ -284,7 +274,7 @@ class PredictionObserver:
         logged = self.settings.prediction_log and (sample >= 1.0 or random.random() < sample)
         if not logged:
             self._sampled_out += 1
-        return Measured(version=version, label=top_label, record=record, logged=logged, review=review)
+        return Measured(record=record, logged=logged, review=review)
 
     def _write_log(self, records: list[PredictionRecord]) -> None:
         records = self._unwritten + records
