@@ -211,14 +211,21 @@ def _run_loop(
     )
     result.feedback_consumed = consumed.moved + consumed.already_moved
     opinion = tasks.second_opinion(
-        feedback_root=settings.feedback_root, model_name=settings.model_name, version=int(exported["version"])
+        feedback_root=settings.feedback_root,
+        model_name=settings.model_name,
+        version=int(exported["version"]),
+        run_id=outcome.run_id,
+        tracking_uri=settings.tracking_uri,
     )
-    result.second_opinion = opinion.render()
-    create_markdown_artifact(
-        markdown=f"# Shadow candidate, version {exported['version']}\n\n{opinion.render()}\n",
-        key="shadow-report",
-        description=opinion.render()[:500],
-    )
+    result.second_opinion = opinion.report.render()
+    if opinion.gate_decision is not None:
+        create_markdown_artifact(
+            markdown=opinion.gate_decision.replace("# Model gate", f"# Gate for run {outcome.run_id}", 1),
+            key="gate-decision",
+            description=f"{decision.reason[:300]}; {opinion.report.render()[:190]}",
+        )
+    else:
+        logger.warning("second opinion not added to the gate decision: %s", opinion.not_recorded)
     if not delivery.promote:
         result.skipped.append(
             f"promotion: delivery.promote=false; version {exported['version']} stays a candidate until "

@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from k8s.errors import ForbiddenError, InvalidSettingsError, InvalidTargetError, NamespaceMissingError
-from pipeline import delivery, feedback_queue, loop, promotion, shadow
+from pipeline import delivery, feedback_queue, loop, promotion
 from training import gate
 
 # Errors a retry cannot fix: the same rollout would be rolled back again, the same settings refused again.
@@ -165,6 +165,15 @@ def promote(
 
 
 @task(name="second-opinion", **STORAGE_RETRIES, timeout_seconds=FIVE_MINUTES, persist_result=True)
-def second_opinion(*, feedback_root: str, model_name: str, version: int) -> shadow.ShadowReport:
-    """The shadow candidate's agreement with live (and accuracy on reviewed items) from the prediction log."""
-    return shadow.shadow_report(feedback_uri=feedback_root, model_name=model_name, candidate_version=version)
+def second_opinion(
+    *, feedback_root: str, model_name: str, version: int, run_id: str, tracking_uri: str
+) -> promotion.SecondOpinion:
+    """The shadow candidate's agreement with live (and accuracy on reviewed items) from the prediction log,
+    added to the candidate's gate decision."""
+    return promotion.second_opinion(
+        feedback_uri=feedback_root,
+        model_name=model_name,
+        version=version,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+    )

@@ -107,6 +107,17 @@ def test_passing_path_exports_consumes_feedback_and_promotes(flow_env: Path) -> 
     assert sorted(storage.list_files(consumed)) == sorted(pending_before)
     assert "live: version 1 (promoted)" in summary.format_summary(summary.LoopResult.from_dict(result))
     assert result["second_opinion"] == "second opinion: no shadow traffic recorded for version 1 yet"
+    from mlflow import MlflowClient
+
+    from training.gate import DECISION_ARTIFACT
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    decision_file = client.download_artifacts(
+        result["run_id"], DECISION_ARTIFACT, str(flow_env / "gate-download")
+    )
+    opinion = json.loads(Path(decision_file).read_text())["second_opinion"]
+    assert opinion["candidate_version"] == 1 and opinion["compared"] == 0  # the gate decision carries it
+    assert client.get_run(result["run_id"]).data.metrics["gate_shadow_compared"] == 0
 
     # A retried export task (e.g. after a crash before its result was stored) gets the same version.
     again = loop.export_candidate(

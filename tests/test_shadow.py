@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import storage
-from pipeline.shadow import shadow_report
 from serving.feedback import FeedbackItem, FeedbackQueue
 from storage.predictions import PredictionRecord, ShadowAnswer, batch_name, model_log_uri
+from training.shadow import shadow_report
 
 NAME = "shadowed"
 
@@ -95,3 +95,64 @@ def test_no_shadow_traffic_says_so(tmp_path: Path) -> None:
     report = shadow_report(feedback_uri=str(tmp_path / "nothing"), model_name=NAME, candidate_version=4)
     assert report.compared == 0 and report.agreement is None and report.candidate_accuracy is None
     assert report.render() == "second opinion: no shadow traffic recorded for version 4 yet"
+
+
+def test_the_second_opinion_joins_the_candidates_gate_decision(tmp_path: Path) -> None:
+    """The gate decides before export and says the second opinion is pending; once the candidate has
+    answered in the shadow, the same run's decision carries it (JSON, markdown, metrics), replaced, not
+    appended, when it is recorded again."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipeline.promotion import second_opinion
+    from tests.test_gate import POLICY, _answers, _items
+    from training.gate import (
+        DECISION_ARTIFACT,
+        DECISION_MARKDOWN,
+        SECOND_OPINION_HEADING,
+        SECOND_OPINION_PENDING,
+        evaluate_gate,
+        log_gate_decision,
+    )
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(
+        client.create_experiment("g", artifact_location=str(tmp_path / "a"))
+    ).info.run_id
+    items = _items(25)
+    answers = _answers(items, accuracy=0.8, seed=0)
+    log_gate_decision(evaluate_gate(items, answers, answers, policy=POLICY), run_id=run_id, tracking_uri=uri)
+
+    def logged(path: str, into: str) -> str:
+        return Path(client.download_artifacts(run_id, path, str(tmp_path / into))).read_text()
+
+    before = logged(DECISION_MARKDOWN, "before")
+    assert (
+        SECOND_OPINION_PENDING in before
+        and json.loads(logged(DECISION_ARTIFACT, "b"))["second_opinion"] is None
+    )
+
+    root = str(tmp_path / "feedback")
+    write_shadow_log(root, ANSWERS, candidate=2)
+    for into in ("once", "twice"):
+        opinion = second_opinion(
+            feedback_uri=root, model_name=NAME, version=2, tracking_uri=uri, run_id=run_id
+        )
+        assert opinion.not_recorded is None and opinion.gate_decision == logged(DECISION_MARKDOWN, into)
+    markdown = opinion.gate_decision
+    assert markdown.count(SECOND_OPINION_HEADING) == 1 and SECOND_OPINION_PENDING not in markdown
+    assert markdown.split(SECOND_OPINION_HEADING)[0] == before.split(SECOND_OPINION_HEADING)[0]
+    agreeing = sum(live == shadow for live, shadow, _ in ANSWERS)
+    assert f"| agreement with live | {len(ANSWERS)} | {100 * agreeing / len(ANSWERS):.1f}% |" in markdown
+    recorded = json.loads(logged(DECISION_ARTIFACT, "json"))["second_opinion"]
+    assert recorded == opinion.report.to_dict() and recorded["agreed"] == agreeing
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["gate_shadow_compared"] == len(ANSWERS)
+    assert metrics["gate_shadow_agreement"] == pytest.approx(agreeing / len(ANSWERS))
+
+    other = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id  # never gated
+    refused = second_opinion(feedback_uri=root, model_name=NAME, version=2, tracking_uri=uri, run_id=other)
+    assert refused.gate_decision is None and "has no gate decision" in (refused.not_recorded or "")
+    assert refused.report == opinion.report

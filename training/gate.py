@@ -30,10 +30,16 @@ counts and margins follow from that; a small test split cannot certify a candida
 
 Corrected items where champion and candidate both predict another label with probability at least
 ``flag_confidence`` are flagged (a possible mislabel or poisoning) in the decision.
+
+The decision is taken before export, when the candidate has served nothing yet; its last section, the
+second opinion of the shadow candidate (:mod:`training.shadow`: agreement with live on a copy of live
+traffic, accuracy on the items people reviewed), is filled in on the same run by :func:`add_second_opinion`
+once the exported candidate has answered in the shadow, before promotion.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,10 +54,17 @@ if TYPE_CHECKING:
 
     from training.data import FileRecord
     from training.evaluate import TopPredictFn
+    from training.shadow import ShadowReport
 
 REFERENCE_ARTIFACT = "gate/reference.json"
 SCORES_ARTIFACT = "gate/test_scores.json"
 DECISION_ARTIFACT = "gate/decision.json"
+DECISION_MARKDOWN = "gate/decision.md"
+SECOND_OPINION_HEADING = "## Second opinion: the shadow candidate"
+SECOND_OPINION_PENDING = (
+    "Pending: once exported and rolled out, the candidate answers a copy of live traffic in the shadow; "
+    "its agreement with live and its accuracy on reviewed items are added here before promotion."
+)
 
 
 class GateError(TfloopError):
@@ -221,6 +234,7 @@ class GateDecision:
             "flagged": [asdict(item) for item in self.flagged],
             "test_items": self.candidate.count,
             "reference_run": self.reference.run_id if self.reference else None,
+            "second_opinion": None,
         }
 
     def to_markdown(self, *, title: str = "Model gate") -> str:
@@ -265,6 +279,7 @@ class GateDecision:
                 f"({item.champion_confidence:.2f}) |"
                 for item in self.flagged
             ]
+        lines += ["", SECOND_OPINION_HEADING, "", SECOND_OPINION_PENDING]
         return "\n".join(lines) + "\n"
 
 
@@ -765,7 +780,7 @@ def log_gate_decision(decision: GateDecision, *, run_id: str, tracking_uri: str)
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     client.log_dict(run_id, decision.to_dict(), DECISION_ARTIFACT)
-    client.log_text(run_id, decision.to_markdown(), "gate/decision.md")
+    client.log_text(run_id, decision.to_markdown(), DECISION_MARKDOWN)
     client.log_dict(run_id, dict(sorted(decision.candidate_scores.items())), SCORES_ARTIFACT)
     if decision.class_checks():
         client.log_figure(run_id, class_change_figure(decision), "gate/class_change.png")
@@ -789,3 +804,45 @@ def log_gate_decision(decision: GateDecision, *, run_id: str, tracking_uri: str)
         client.log_metric(run_id, key, value)
     client.set_tag(run_id, "tfloop.gate", "passed" if decision.passed else "refused")
     client.set_tag(run_id, "tfloop.gate_reason", decision.reason[:5000])
+
+
+def add_second_opinion(report: ShadowReport, *, run_id: str, tracking_uri: str) -> str:
+    """Record the shadow candidate's second opinion in the gate decision of its run: key ``second_opinion``
+    of ``gate/decision.json``, the last section of ``gate/decision.md`` (replacing what was there) and
+    ``gate_shadow_*`` metrics. Returns the decision's markdown with it; GateError when the run has no
+    gate decision."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            decision_json = client.download_artifacts(run_id, DECISION_ARTIFACT, scratch)
+            decision_md = client.download_artifacts(run_id, DECISION_MARKDOWN, scratch)
+        except (MlflowException, OSError) as error:
+            raise GateError(
+                f"run {run_id} has no gate decision ({DECISION_ARTIFACT}): {error}; the second opinion "
+                "belongs to a candidate that went through the gate (`tfloop run` or the flow)"
+            ) from error
+        with open(decision_json, encoding="utf-8") as handle:
+            decision = json.load(handle)
+        with open(decision_md, encoding="utf-8") as handle:
+            markdown = handle.read()
+    head = markdown.split(SECOND_OPINION_HEADING, 1)[0].rstrip("\n")
+    markdown = f"{head}\n\n{SECOND_OPINION_HEADING}\n\n{report.to_markdown()}"
+    decision["second_opinion"] = report.to_dict()
+    client.log_dict(run_id, decision, DECISION_ARTIFACT)
+    client.log_text(run_id, markdown, DECISION_MARKDOWN)
+    metrics = {
+        "gate_shadow_compared": report.compared,
+        "gate_shadow_agreement": report.agreement,
+        "gate_shadow_reviewed": report.reviewed,
+        "gate_shadow_candidate_accuracy": report.candidate_accuracy,
+        "gate_shadow_live_accuracy": report.live_accuracy,
+    }
+    for key, value in metrics.items():
+        if value is not None:
+            client.log_metric(run_id, key, float(value))
+    return markdown

@@ -56,26 +56,35 @@ def promote_command(
     candidates (reachable at /v1/models/<name>/versions/<N>) until promoted. The version must be complete
     and registered. Running the same promotion again is harmless and repairs a half-done one.
 
-    Before promoting, prints the second opinion of the shadow candidate: while VERSION was the candidate,
-    the replicas had it answer a copy of live traffic; its agreement with live and the accuracy of both on
-    the images people labelled since come from the prediction log.
+    Before promoting, prints the second opinion of the shadow candidate and adds it to the gate decision of
+    VERSION's MLflow run (gate/decision.json, key second_opinion; gate/decision.md): while VERSION was the
+    candidate, the replicas had it answer a copy of live traffic; its agreement with live and the accuracy
+    of both on the images people labelled since come from the prediction log.
     """
     from export.registry import promote_version
+    from pipeline.promotion import second_opinion
     from pipeline.settings import TfloopSettings
-    from pipeline.shadow import shadow_report
 
     settings = TfloopSettings()
     name = model_name or settings.model_name
     base = model_base or settings.models_uri
+    tracking = tracking_uri or settings.tracking_uri
     try:
-        shadow = shadow_report(
-            feedback_uri=feedback_uri or settings.feedback_root, model_name=name, candidate_version=version
+        opinion = second_opinion(
+            feedback_uri=feedback_uri or settings.feedback_root,
+            model_name=name,
+            version=version,
+            tracking_uri=tracking,
+            model_base=base,
         )
     except storage.StorageError as error:
         info(f"no second opinion: the prediction log cannot be read ({error})")
-        shadow = None
-    if shadow is not None:
+        opinion = None
+    shadow = opinion.report if opinion is not None else None
+    if opinion is not None and shadow is not None:
         info(shadow.render())
+        if opinion.not_recorded:
+            info(f"(not added to the gate decision: {opinion.not_recorded})")
         agreement = shadow.agreement
         if min_agreement is not None and agreement is not None and agreement < min_agreement:
             fail(
@@ -87,7 +96,7 @@ def promote_command(
         model_name=name,
         model_base=base,
         version=version,
-        tracking_uri=tracking_uri or settings.tracking_uri,
+        tracking_uri=tracking,
         promoted_by="tfloop promote",
     )
     if not promotion.pointer_written:

@@ -1,6 +1,6 @@
 """The shadow candidate's second opinion: how often the candidate agreed with the live version on a copy
 of live traffic, and how both did on the images people labelled since (read from the prediction log and
-the feedback records, with ``storage`` alone)."""
+the feedback records, with ``storage`` alone). The gate's decision carries it (``training.gate``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,29 @@ class ShadowReport:
                 f"correct, live {100 * (self.live_accuracy or 0):.0f}%"
             )
         return text
+
+    def to_markdown(self) -> str:
+        """The second opinion as the rows of a small table (or one line when there was no shadow traffic)."""
+        if not self.compared:
+            return self.render() + "\n"
+
+        def percent(value: float | None) -> str:
+            return "-" if value is None else f"{100 * value:.1f}%"
+
+        return (
+            "\n".join(
+                [
+                    f"Version {self.candidate_version} answered a copy of live traffic in the shadow.",
+                    "",
+                    "| measure | items | candidate | live |",
+                    "| --- | --- | --- | --- |",
+                    f"| agreement with live | {self.compared} | {percent(self.agreement)} | - |",
+                    f"| accuracy on reviewed items | {self.reviewed} | {percent(self.candidate_accuracy)} | "
+                    f"{percent(self.live_accuracy)} |",
+                ]
+            )
+            + "\n"
+        )
 
 
 def labelled_images(feedback_uri: str) -> dict[str, str]:
