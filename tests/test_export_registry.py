@@ -195,6 +195,7 @@ def test_cli_export_json_no_register_and_promote(store, tmp_path, monkeypatch):
     agreeing = sum(live == shadow for live, shadow, _ in ANSWERS)
     assert payload["shadow"]["compared"] == len(ANSWERS) and payload["shadow"]["agreed"] == agreeing
     assert "second opinion: on 7 live requests" in result.stderr
+    assert f"run {store['run_id']} has no gate decision" in result.stderr  # found through the registry
     pointer = json.loads((Path(base) / "cli-shapes" / "live.json").read_text())
     assert pointer["version"] == 1 and pointer["promoted_by"] == "tfloop promote"
 
