@@ -156,24 +156,15 @@ class DynamicBatcher(Generic[Item, Result]):
             self._held.append(pending)
 
     async def _get_within(self, timeout: float) -> _Pending[Item, Result] | None:
-        """The next queued item within ``timeout`` seconds, else None. Unlike ``asyncio.wait_for`` on
-        Python 3.11, never drops an item that arrives just as the timeout fires."""
+        """The next queued item within ``timeout`` seconds, else None. No item is lost when the timeout fires
+        just as one arrives: ``asyncio.Queue`` hands an item over only when its getter resumes, so a getter
+        cancelled in between leaves it queued and wakes the next one. No task is created per wait (this runs
+        once per item while a batch fills)."""
         assert self._queue is not None
-        getter = asyncio.ensure_future(self._queue.get())
         try:
-            done, _ = await asyncio.wait({getter}, timeout=timeout)
-        except asyncio.CancelledError:
-            getter.cancel()
-            raise
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        try:
-            return await getter
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the worker itself is being stopped
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
+        except TimeoutError:
             return None
 
     def _share(self, batch: list[_Pending[Item, Result]]) -> int:

@@ -669,3 +669,36 @@ def test_stop_ends_workers_waiting_for_items() -> None:
         assert task.cancelled() or task.done()
 
     asyncio.run(scenario())
+
+
+def test_an_item_arriving_as_the_batch_wait_ends_is_never_lost() -> None:
+    """The item's arrival and the end of the wait for it fall in one turn of the event loop (the loop is
+    blocked past both), in either order: every item is handed to the forming batch or still queued."""
+
+    async def race() -> tuple[int, int]:
+        batcher: DynamicBatcher[int, int] = DynamicBatcher(
+            lambda items: items, max_batch_size=8, max_wait_s=0.0
+        )
+        await batcher.start()
+        await batcher.stop()  # no worker takes items: count where each one went
+        queue = batcher._queue
+        assert queue is not None
+        loop = asyncio.get_running_loop()
+        handed = left = 0
+        for item in range(200):
+            waiting = asyncio.create_task(batcher._get_within(0.001))
+            await asyncio.sleep(0)  # the wait has begun
+            loop.call_later(0.0005 if item % 2 else 0.0015, queue.put_nowait, item)
+            time.sleep(0.003)  # both the arrival and the timeout are due when the loop turns again
+            got = await waiting
+            await asyncio.sleep(0.002)
+            if got is not None:
+                assert got == item and queue.empty()
+                handed += 1
+            else:
+                assert queue.get_nowait() == item
+                left += 1
+        return handed, left
+
+    handed, left = asyncio.run(race())
+    assert handed + left == 200 and left > 0
