@@ -161,14 +161,15 @@ def _cancel_unfinished(api_url: str) -> None:
 
 
 def _slot_interval(client: Any, run: Any) -> tuple[Any, Any]:
-    """When a run held the model's loop slot: from its first task's start (tasks start only once the slot
-    is held) to the run's end."""
+    """When a run worked inside the model's loop slot: from its first task's start to its last task's end
+    (its tasks run only while it holds the slot; the run itself ends a moment after it gave the slot up)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     starts = [task_run.start_time for task_run in task_runs if task_run.start_time is not None]
-    assert starts, f"run {run.name} ran no task"
-    return min(starts), run.end_time
+    ends = [task_run.end_time for task_run in task_runs if task_run.end_time is not None]
+    assert starts and len(ends) == len(task_runs), f"run {run.name}: tasks not all finished: {task_runs}"
+    return min(starts), max(ends)
 
 
 def test_runs_of_a_model_never_overlap(tfloop_home: Path, prefect_server: Any, tmp_path: Path) -> None:
