@@ -513,7 +513,11 @@ def prediction_log_rounds(
 ) -> list[tuple[float, float]]:
     """(req/s with the prediction log on, req/s with it off) at concurrency 32, per round: two servers
     side by side, the same settings but for the log (and the review queue and shadow it feeds), driven in
-    turn (on-off, then off-on, so that neither always goes first)."""
+    turn (on-off, then off-on, so that neither always goes first). The difference sought (3%) is smaller
+    than the shared machine's drift over a minute, so the rounds are many: adjacent blocks see the same
+    machine. The log's cost comes in bursts (a flush every ``prediction_log_flush_s``) that only some
+    blocks contain, so the headline is the ratio of the total requests served, not a median that would
+    leave the flush blocks out."""
     off_port = free_port()
     off_env = {
         **env,
@@ -535,9 +539,9 @@ def prediction_log_rounds(
     ):
         for url in (on_url, off_url):  # warm both up
             load(url, bodies, IN_FLIGHT, 1.0, scratch)
-        for round_index in range(args.rounds):
+        for round_index in range(args.log_rounds):
             order = (on_url, off_url) if round_index % 2 == 0 else (off_url, on_url)
-            rps = {url: load(url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"] for url in order}
+            rps = {url: load(url, bodies, IN_FLIGHT, args.log_seconds, scratch)["rps"] for url in order}
             pairs.append((rps[on_url], rps[off_url]))
             print(f"  round {round_index + 1}: on {rps[on_url]:.1f}, off {rps[off_url]:.1f}", file=sys.stderr)
     return pairs
@@ -565,6 +569,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="Alternating ceiling/server rounds at c=32.")
     parser.add_argument(
         "--round-seconds", type=float, default=4, help="Seconds of each server block (and of both ceilings)."
+    )
+    parser.add_argument(
+        "--log-rounds", type=int, default=16, help="Alternating prediction log on/off rounds at c=32."
+    )
+    parser.add_argument(
+        "--log-seconds", type=int, default=3, help="Whole seconds of each block of the log on/off rounds."
     )
     parser.add_argument(
         "--naive-server", nargs=3, metavar=("PORT", "VERSION_DIR", "NAME"), help=argparse.SUPPRESS
@@ -703,7 +713,9 @@ def report(
     server_32 = statistics.median(server for _, (server, *_) in rounds)
     grpc_ratio = statistics.median(grpc / max(ceilings) for ceilings, (_, _, grpc) in rounds)
     grpc_32 = statistics.median(grpc for _, (_, _, grpc) in rounds)
-    log_ratio = statistics.median(on / off for on, off in log_rounds)
+    log_ratios = [on / off for on, off in log_rounds]
+    log_ratio = sum(on for on, _ in log_rounds) / sum(off for _, off in log_rounds)
+    log_q1, _, log_q3 = statistics.quantiles(log_ratios, n=4) if len(log_ratios) > 1 else (log_ratio,) * 3
     log_rows = "\n".join(
         f"| {i + 1} | {on:.1f} | {off:.1f} | {on / off:.2f} |" for i, (on, off) in enumerate(log_rounds)
     )
@@ -776,7 +788,12 @@ The prediction log (on by default, and on in every server reading above: each pr
 version, top-k, margin, size and format go to an in-memory list, written out as one batch every few
 seconds by a background thread, with the review queue's low-confidence images) against the same server
 with the log, the review queue and shadow predictions off; two servers side by side, driven in turn at
-concurrency {IN_FLIGHT} ({args.round_seconds:g} s each, the order alternating by round):
+concurrency {IN_FLIGHT} in {args.log_rounds} rounds of {args.log_seconds:g} s blocks, the order alternating
+by round (many rounds, because the machine drifts by more than the 3% sought within a minute, and
+adjacent blocks see the same machine). The headline is the requests served with the log on over those
+served with it off, all rounds together: the log's cost comes in bursts (one flush every few seconds)
+that only some blocks contain, and a median of the rounds would leave them out. On / off:
+**{log_ratio:.3f}**; per round, the middle half lies from {log_q1:.3f} to {log_q3:.3f}.
 
 | round | log on (req/s) | log off (req/s) | on / off |
 | --- | --- | --- | --- |
@@ -798,8 +815,9 @@ Targets:
   ({"met" if grpc_ratio >= 0.9 else "MISSED"}; {grpc_32:.0f} req/s);
 - gRPC p50 at concurrency 1 within 2 ms of an in-process single call: **{grpc_gap:+.1f} ms**
   ({"met" if grpc_gap <= 2 else "MISSED"});
-- the prediction log costs at most 3% at concurrency {IN_FLIGHT} (on / off, median of the rounds):
-  **{log_ratio:.3f}** ({"met" if log_ratio >= 0.97 else "MISSED"}).
+- the prediction log costs at most 3% at concurrency {IN_FLIGHT} (on / off, all rounds together):
+  **{log_ratio:.3f}** ({"met" if log_ratio >= 0.97 else "MISSED"}; middle half of the rounds {log_q1:.3f} to
+  {log_q3:.3f}).
 """
 
 
