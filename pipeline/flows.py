@@ -29,6 +29,7 @@ from pipeline import locking, loop, promotion, summary, tasks
 from pipeline.delivery import DeliveryRequest, check_delivery
 from pipeline.options import DeliveryOptions, GateOptions, TrainingOptions
 from pipeline.settings import TfloopSettings
+from training.gate import decision_title
 
 
 def resolve_settings(
@@ -161,7 +162,7 @@ def _run_loop(
     )
     decision = tasks.decide(evaluation, policy=gate_options.policy(), tracking_uri=settings.tracking_uri)
     create_markdown_artifact(
-        markdown=decision.to_markdown(title=f"Gate for run {outcome.run_id}"),
+        markdown=decision.to_markdown(title=decision_title(outcome.run_id)),
         key="gate-decision",
         description=decision.reason[:500],
     )
@@ -220,7 +221,7 @@ def _run_loop(
     result.second_opinion = opinion.report.render()
     if opinion.gate_decision is not None:
         create_markdown_artifact(
-            markdown=opinion.gate_decision.replace("# Model gate", f"# Gate for run {outcome.run_id}", 1),
+            markdown=opinion.gate_decision,
             key="gate-decision",
             description=f"{decision.reason[:300]}; {opinion.report.render()[:190]}",
         )

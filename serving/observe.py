@@ -26,6 +26,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import storage
 from serving.errors import ServingError
@@ -38,6 +39,7 @@ from serving.tokens import PredictionSigner
 from storage.predictions import PredictionRecord, ShadowAnswer, batch_name, confidence_of, model_log_uri
 
 logger = logging.getLogger(__name__)
+Item = TypeVar("Item")
 
 TOP_K_LOGGED = 5
 # A flush handles thousands of predictions at once. Holding the GIL all that while (Python hands it over
@@ -211,16 +213,14 @@ class PredictionObserver:
             tally: Counter[tuple[str, str, str]] = Counter()  # (version, top label, format)
             records: list[PredictionRecord] = []
             candidates: dict[str, ReviewCandidate] = {}
-            for index, observation in enumerate(observations):
-                if index % YIELD_EVERY == YIELD_EVERY - 1:
-                    time.sleep(0)  # let the event loop have the GIL: a flush is background work
+            for observation in _yielding(observations):
                 measured = self._measure(observation)
                 record = measured.record
                 tally[
                     str(record.model_version), record.top_k[0][0] if record.top_k else "", record.format
                 ] += 1
                 if measured.logged:
-                    records.append(measured.record)
+                    records.append(record)
                 candidate = measured.review
                 if candidate is not None:
                     known = candidates.get(candidate.record.sha256)
@@ -297,7 +297,7 @@ class PredictionObserver:
                 model_log_uri(self.settings.feedback_uri, model_name),
                 batch_name(now, writer=self.writer, sequence=self._sequence),
             )
-            data = ("\n".join(_serialized(batch)) + "\n").encode("utf-8")
+            data = ("\n".join(record.to_json() for record in _yielding(batch)) + "\n").encode("utf-8")
             try:
                 storage.write_if_absent(uri, data)
             except storage.StorageError as error:
@@ -354,9 +354,9 @@ class PredictionObserver:
         return item, candidate.image
 
 
-def _serialized(records: list[PredictionRecord]) -> Iterator[str]:
-    """Each record's log line, giving up the GIL after every :data:`YIELD_EVERY` of them."""
-    for index, record in enumerate(records):
+def _yielding(items: list[Item]) -> Iterator[Item]:
+    """The items in order, giving up the GIL after every :data:`YIELD_EVERY` of them."""
+    for index, item in enumerate(items):
         if index % YIELD_EVERY == YIELD_EVERY - 1:
             time.sleep(0)
-        yield record.to_json()
+        yield item

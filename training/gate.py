@@ -769,6 +769,11 @@ def savedmodel_predict_fn(saved_model_dir: str) -> TopPredictFn:
     return predict
 
 
+def decision_title(run_id: str) -> str:
+    """The title of a run's gate decision (its markdown on the run, and the flow's artifact)."""
+    return f"Gate for run {run_id}"
+
+
 def log_gate_decision(decision: GateDecision, *, run_id: str, tracking_uri: str) -> None:
     """Record the decision on the candidate's MLflow run: ``gate/decision.json`` and ``decision.md``, the
     per-class change plot, the candidate's per-item test scores, metrics and tags. A passing candidate
@@ -780,7 +785,7 @@ def log_gate_decision(decision: GateDecision, *, run_id: str, tracking_uri: str)
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     client.log_dict(run_id, decision.to_dict(), DECISION_ARTIFACT)
-    client.log_text(run_id, decision.to_markdown(), DECISION_MARKDOWN)
+    client.log_text(run_id, decision.to_markdown(title=decision_title(run_id)), DECISION_MARKDOWN)
     client.log_dict(run_id, dict(sorted(decision.candidate_scores.items())), SCORES_ARTIFACT)
     if decision.class_checks():
         client.log_figure(run_id, class_change_figure(decision), "gate/class_change.png")

@@ -80,8 +80,9 @@ def promote_command(
     except storage.StorageError as error:
         info(f"no second opinion: the prediction log cannot be read ({error})")
         opinion = None
-    shadow = opinion.report if opinion is not None else None
-    if opinion is not None and shadow is not None:
+    shadow = None
+    if opinion is not None:
+        shadow = opinion.report
         info(shadow.render())
         if opinion.not_recorded:
             info(f"(not added to the gate decision: {opinion.not_recorded})")
