@@ -702,3 +702,50 @@ def test_an_item_arriving_as_the_batch_wait_ends_is_never_lost() -> None:
 
     handed, left = asyncio.run(race())
     assert handed + left == 200 and left > 0
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what was written to it, and whether it was closed, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[bytes | str] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.events.append(bytes(data))
+
+    def close(self) -> None:
+        self.events.append("closed")
+
+    def is_closing(self) -> bool:
+        return "closed" in self.events
+
+
+def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
+    from serving.server import HeadJoiningTransport
+
+    asyncio.run(_head_and_body_writes(HeadJoiningTransport))
+
+
+async def _head_and_body_writes(joining: type) -> None:
+    raw = RecordingTransport()
+    transport = joining(raw, asyncio.get_running_loop())
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+    transport.write(head)
+    transport.write(b"{}")
+    assert raw.events == [head + b"{}"]
+
+    transport.write(head)  # a streamed response: its head goes out at the end of the loop turn
+    assert raw.events == [head + b"{}"]
+    await asyncio.sleep(0)
+    assert raw.events == [head + b"{}", head]
+    transport.write(b"chunk")
+    assert raw.events[-1] == b"chunk"
+
+    transport.write(head)  # closing sends what is held first
+    transport.close()
+    assert raw.events[-2:] == [head, "closed"]
+    assert transport.is_closing()
+    await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
+    assert raw.events.count(head) == 2
