@@ -26,6 +26,7 @@ from serving.batching import DynamicBatcher
 from serving.errors import InvalidInput, PayloadTooLarge
 from serving.events import FEEDBACK_EVENT, PrefectEventSender, feedback_event
 from serving.images import check_image_header, validate_image
+from serving.server import HeadJoiningTransport
 from serving.settings import ServingSettings, available_cores
 from serving.tfserving import InputSpec, format_outputs, parse_predict, to_array
 from tests.conftest import free_port
@@ -722,30 +723,27 @@ class RecordingTransport(asyncio.Transport):
 
 
 def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
-    from serving.server import HeadJoiningTransport
+    async def scenario() -> None:
+        raw = RecordingTransport()
+        transport = HeadJoiningTransport(raw, asyncio.get_running_loop())
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
-    asyncio.run(_head_and_body_writes(HeadJoiningTransport))
+        transport.write(head)
+        transport.write(b"{}")
+        assert raw.events == [head + b"{}"]
 
+        transport.write(head)  # a streamed response: its head goes out at the end of the loop turn
+        assert raw.events == [head + b"{}"]
+        await asyncio.sleep(0)
+        assert raw.events == [head + b"{}", head]
+        transport.write(b"chunk")
+        assert raw.events[-1] == b"chunk"
 
-async def _head_and_body_writes(joining: type) -> None:
-    raw = RecordingTransport()
-    transport = joining(raw, asyncio.get_running_loop())
-    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        transport.write(head)  # closing sends what is held first
+        transport.close()
+        assert raw.events[-2:] == [head, "closed"]
+        assert transport.is_closing()
+        await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
+        assert raw.events.count(head) == 2
 
-    transport.write(head)
-    transport.write(b"{}")
-    assert raw.events == [head + b"{}"]
-
-    transport.write(head)  # a streamed response: its head goes out at the end of the loop turn
-    assert raw.events == [head + b"{}"]
-    await asyncio.sleep(0)
-    assert raw.events == [head + b"{}", head]
-    transport.write(b"chunk")
-    assert raw.events[-1] == b"chunk"
-
-    transport.write(head)  # closing sends what is held first
-    transport.close()
-    assert raw.events[-2:] == [head, "closed"]
-    assert transport.is_closing()
-    await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
-    assert raw.events.count(head) == 2
+    asyncio.run(scenario())
