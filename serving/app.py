@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from serving.errors import FeedbackStoreError, ModelNotReady, NotFound, ServingError, TooManyRequests
 from serving.feedback import RecentImage
@@ -33,6 +34,7 @@ from serving.middleware import INTERNAL_ERROR, BodyLimitMiddleware, MetricsMiddl
 from serving.predict import (
     MODEL_VERSION_HEADER,
     PREDICT_ROUTES,
+    LaneMiddleware,
     PredictLane,
     model_metadata_answer,
     predict_image,
@@ -118,7 +120,22 @@ def _page() -> str:
     return resources.files("serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(settings: ServingSettings) -> FastAPI:
+class ServingApp(FastAPI):
+    """The FastAPI app, whose ``:predict`` requests with a declared body within the limit go straight to the
+    lane (:class:`PredictLane`), ahead of the middleware stack; everything else takes the whole stack."""
+
+    lane: PredictLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = self.lane
+        match = lane.fast_match(scope) if lane is not None and scope["type"] == "http" else None
+        if match is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await lane.serve(scope, receive, send, match)  # type: ignore[union-attr]
+
+
+def create_app(settings: ServingSettings) -> ServingApp:
     """The serving app for ``settings``; the model loads in the background once the app starts."""
     services = build_services(settings)
 
@@ -144,7 +161,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
             if services.events is not None:
                 await services.events.stop()
 
-    app = FastAPI(
+    app = ServingApp(
         title="tfloop serving",
         description="TensorFlow Serving-compatible image classification with a feedback queue.",
         version="1",
@@ -155,9 +172,10 @@ def create_app(settings: ServingSettings) -> FastAPI:
     _install_error_handlers(app)
     _add_routes(app)
     routes = {getattr(route, "path", ""): route for route in app.routes}
-    app.add_middleware(
-        PredictLane, services=services, routes={kind: routes[path] for kind, path in PREDICT_ROUTES.items()}
+    app.lane = PredictLane(
+        services=services, routes={kind: routes[path] for kind, path in PREDICT_ROUTES.items()}
     )
+    app.add_middleware(LaneMiddleware, lane=app.lane)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving import tfserving
 from serving.errors import InvalidInput, NotFound, ServingError
 from serving.images import check_image_header
-from serving.middleware import INTERNAL_ERROR, error_response
+from serving.middleware import INTERNAL_ERROR
 from serving.model import DEFAULT_SIGNATURE, ImageJob, Prediction, ServedModel, VersionStatus
 from serving.observe import Observation
 from serving.schemas import PredictRequest
@@ -29,6 +29,7 @@ from serving.services import LARGE_IMAGE_BYTES, Services
 logger = logging.getLogger(__name__)
 
 MODEL_VERSION_HEADER = "X-Model-Version"
+MODEL_VERSION_HEADER_BYTES = MODEL_VERSION_HEADER.lower().encode("ascii")
 
 
 PREDICT_PATH = re.compile(
@@ -44,28 +45,75 @@ PREDICT_ROUTES = {
 class PredictLane:
     """Answers TF Serving's ``:predict`` routes straight from ASGI, ahead of FastAPI's router.
 
-    They are the hot path: for a one-image request, FastAPI's routing, dependency resolution and body model
-    cost more server CPU than everything else the request needs (BENCHMARKS.md, serving). The same routes
-    stay declared on the app, for /docs and the OpenAPI schema; the lane answers them exactly as they would.
+    They are the hot path: for a one-image request, FastAPI's routing, dependency resolution and body model,
+    and every middleware layer's wrapping of ``send``, cost more server CPU than everything else the request
+    needs (BENCHMARKS.md, serving). A request that declares a body within the size limit is answered by
+    :meth:`serve` before the middleware stack (the app's ``__call__``), counting its own metrics; anything
+    else (a chunked body, one over the limit) goes through the stack, whose body limit answers 413 and whose
+    :class:`LaneMiddleware` hands what passes to :meth:`answer`. The same routes stay declared on the app,
+    for /docs and the OpenAPI schema; the lane answers them exactly as they would.
     """
 
-    def __init__(self, app: ASGIApp, *, services: Services, routes: Mapping[str, BaseRoute]) -> None:
-        self.app = app
+    def __init__(self, *, services: Services, routes: Mapping[str, BaseRoute]) -> None:
         self.services = services
         self.routes = routes  # by the keys of PREDICT_ROUTES: for the metrics' route label
+        self._max_body_bytes = services.settings.max_body_bytes
+        self._recorders: dict[tuple[str, int], tuple[Any, Any]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = PREDICT_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
-        if match is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
+    @staticmethod
+    def match(scope: Scope) -> re.Match[str] | None:
+        """The path's match when ``scope`` is a ``:predict`` request."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        return PREDICT_PATH.fullmatch(scope["path"])
+
+    def fast_match(self, scope: Scope) -> re.Match[str] | None:
+        """The path's match when the lane answers ``scope`` ahead of the middleware stack: a ``:predict``
+        POST whose declared body size is within the limit (no chunked body, nothing for the 413)."""
+        match = self.match(scope)
+        if match is None:
+            return None
+        declared = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                return None
+        if declared is None or not declared.isdigit() or int(declared) > self._max_body_bytes:
+            return None
+        return match
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]) -> None:
+        """:meth:`answer` with what the metrics middleware does for requests that pass through it: the
+        in-flight count and the request metrics."""
+        started = time.perf_counter()
+        in_flight = self.services.in_flight
+        in_flight.enter()
+        try:
+            status = await self.answer(scope, receive, send, match)
+        finally:
+            in_flight.leave()
+        route = scope["route"].path
+        recorder = self._recorders.get((route, status))
+        if recorder is None:
+            metrics = self.services.metrics
+            recorder = (
+                metrics.requests.labels("rest", "POST", route, str(status)),
+                metrics.latency.labels("rest", "POST", route),
+            )
+            self._recorders[(route, status)] = recorder
+        recorder[0].inc()
+        recorder[1].observe(time.perf_counter() - started)
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]) -> int:
+        """Read the body, predict, send the answer; its HTTP status (0 when the client left first)."""
         version, label = match["version"], match["label"]
         scope["route"] = self.routes["version" if version else "label" if label else "latest"]
         chunks: list[bytes] = []
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return  # the client left
+                return 0  # the client left
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
@@ -75,15 +123,38 @@ class PredictLane:
             model = self.services.manager.resolve(
                 match["name"], version=int(version) if version else None, label=label
             )
-            response = JSONResponse(await run_predict(self.services, model, body))
+            status, content = 200, json_bytes(await run_predict(self.services, model, body))
         except ServingError as error:
-            response = error_response(error.status_code, str(error))
+            status, content = error.status_code, json_bytes({"error": str(error)})
         except Exception:  # the server must answer, never die; logged
             logger.exception("unexpected error in :predict")
-            response = error_response(500, INTERNAL_ERROR)
+            status, content = 500, json_bytes({"error": INTERNAL_ERROR})
+        headers = [(b"content-length", b"%d" % len(content)), (b"content-type", b"application/json")]
         if model is not None:
-            response.headers[MODEL_VERSION_HEADER] = str(model.version)
-        await response(scope, receive, send)
+            headers.append((MODEL_VERSION_HEADER_BYTES, b"%d" % model.version))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+        return status
+
+
+class LaneMiddleware:
+    """Hands the ``:predict`` requests that took the long way through the middleware stack to the lane."""
+
+    def __init__(self, app: ASGIApp, *, lane: PredictLane) -> None:
+        self.app = app
+        self.lane = lane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = self.lane.match(scope)
+        if match is None:
+            await self.app(scope, receive, send)
+        else:
+            await self.lane.answer(scope, receive, send, match)
+
+
+def json_bytes(content: Any) -> bytes:
+    """``content`` as the JSON bytes Starlette's JSONResponse would send (NaN refused)."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def parse_predict_body(raw: bytes) -> dict[str, Any]:

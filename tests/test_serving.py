@@ -212,11 +212,16 @@ def test_tf_serving_predict_row_and_columnar(model_base: str, tmp_path: Path, ex
 def test_predict_lane_answers_like_the_declared_routes(model_base: str, tmp_path: Path) -> None:
     # The predict routes are answered ahead of FastAPI's router: still documented, still counted per route
     # template, and the body is read as JSON whatever content type the client sends (as TF Serving does).
+    # A body of declared size skips the middleware stack; a chunked one takes it, with the same answer.
     body = json.dumps({"instances": [b64(image_bytes(3))]})
     with client(settings_for(model_base, tmp_path)) as api:
         plain = api.post(f"/v1/models/{NAME}:predict", content=body, headers={"content-type": "text/plain"})
         assert plain.status_code == 200 and plain.headers["content-type"] == "application/json"
         assert plain.json()["predictions"][0]["classes"][0] in LABELS
+        assert plain.headers["X-Model-Version"] == "1"
+        chunked = api.post(f"/v1/models/{NAME}:predict", content=iter([body[:9].encode(), body[9:].encode()]))
+        assert chunked.status_code == 200 and chunked.json() == plain.json()
+        assert chunked.headers["X-Model-Version"] == "1"
         pinned = api.post(f"/v1/models/{NAME}/versions/1:predict", content=body)
         assert pinned.json() == plain.json()
         assert api.post(f"/v1/models/{NAME}/versions/x:predict", content=body).status_code == 400
@@ -228,9 +233,11 @@ def test_predict_lane_answers_like_the_declared_routes(model_base: str, tmp_path
             "/v1/models/{name}:predict" in paths and "/v1/models/{name}/versions/{version}:predict" in paths
         )
         metrics = api.get("/metrics").text
-        assert 'route="/v1/models/{name}:predict",status="200"' in metrics
-        assert 'route="/v1/models/{name}/versions/{version}:predict",status="200"' in metrics
+        assert 'route="/v1/models/{name}:predict",status="200"} 2.0' in metrics
+        assert 'route="/v1/models/{name}/versions/{version}:predict",status="200"} 1.0' in metrics
         assert 'route="/v1/models/{name}:predict",status="400"} 3.0' in metrics
+        latest = 'protocol="rest",route="/v1/models/{name}:predict"'
+        assert f'tfloop_request_latency_seconds_count{{method="POST",{latest}}} 5.0' in metrics
 
 
 @pytest.mark.parametrize(
