@@ -416,6 +416,53 @@ def run_naive_server(port: int, version_dir: str, name: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def run_bare_server(port: int) -> None:
+    """The least an HTTP server around the model does: uvicorn with serving's protocol and a bare ASGI
+    callable that reads the JSON body, decodes the one image and awaits its answer from the server's own
+    model manager and dynamic batcher (``build_services``, the same settings); no FastAPI, checks, metrics,
+    prediction log or error handling. What it serves is what the HTTP plumbing leaves of the ceiling."""
+    import uvicorn
+
+    from serving.model import ImageJob
+    from serving.server import head_joining_protocol
+    from serving.services import build_services
+    from serving.settings import ServingSettings
+
+    services = build_services(ServingSettings())
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await services.batcher.start()
+            await asyncio.to_thread(services.manager.refresh)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await services.batcher.stop()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/healthz":
+            answer = b"ok"
+        else:
+            chunks = []
+            while True:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            image = base64.b64decode(json.loads(b"".join(chunks))["instances"][0]["b64"])
+            services.in_flight.enter()
+            try:
+                prediction = await services.batcher.submit(ImageJob(services.manager.require(), image))
+            finally:
+                services.in_flight.leave()
+            answer = json.dumps({"predictions": [prediction.outputs()]}).encode()
+        headers = [(b"content-length", b"%d" % len(answer)), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", http=head_joining_protocol())
+
+
 @contextlib.contextmanager
 def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
     """A server process, from ready until the block ends."""
@@ -496,10 +543,11 @@ def interleaved_single(url: str, bodies: list[bytes], model: InProcess, count: i
 
 def alternate(
     measure_ceiling: Callable[[], tuple[float, float]],
-    measure_server: Callable[[], tuple[float, float, float]],
+    measure_server: Callable[[], tuple[float, float, float, float]],
     rounds: int,
-) -> list[tuple[tuple[float, float], tuple[float, float, float]]]:
-    """(ceilings, (server req/s, mean batch, gRPC req/s)) pairs, measured in turn ``rounds`` times."""
+) -> list[tuple[tuple[float, float], tuple[float, float, float, float]]]:
+    """(ceilings, (server req/s, mean batch, gRPC req/s, bare server req/s)) pairs, measured in turn
+    ``rounds`` times."""
     pairs = []
     for round_index in range(rounds):
         pair = (measure_ceiling(), measure_server())
@@ -579,6 +627,7 @@ def main() -> None:
     parser.add_argument(
         "--naive-server", nargs=3, metavar=("PORT", "VERSION_DIR", "NAME"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--grpc-load", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.grpc_load:
@@ -597,6 +646,9 @@ def main() -> None:
     if args.naive_server:
         port, version_dir, name = args.naive_server
         run_naive_server(int(port), version_dir, name)
+        return
+    if args.bare_server:
+        run_bare_server(args.bare_server)
         return
 
     workers = served_settings.batch_workers
@@ -636,18 +688,31 @@ def main() -> None:
         predict_url = f"http://127.0.0.1:{port}/v1/models/{name}:predict"
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         print("tfloop server ...", file=sys.stderr)
-        with running([sys.executable, "-m", "serving"], env, f"http://127.0.0.1:{port}/readyz"):
+        bare_port = free_port()
+        bare_url = f"http://127.0.0.1:{bare_port}/v1/models/{name}:predict"
+        bare_env = {**env, "TFLOOP_SERVE_PORT": str(bare_port), "TFLOOP_SERVE_GRPC_PORT": "0"}
+        with (
+            running([sys.executable, "-m", "serving"], env, f"http://127.0.0.1:{port}/readyz"),
+            running(
+                [sys.executable, __file__, "--bare-server", str(bare_port)],
+                bare_env,
+                f"http://127.0.0.1:{bare_port}/healthz",
+            ),
+        ):
+            load(bare_url, bodies, IN_FLIGHT, 1, scratch)  # warm its connections and batches
             served = levels(predict_url, bodies, args.seconds, scratch)
             served_grpc = grpc_levels(grpc_target, grpc_file, args.seconds)
             direct_single, served_single = interleaved_single(predict_url, bodies, model, args.singles)
             grpc_single = interleaved_grpc_single(grpc_target, grpc_requests, model, args.singles)
 
-            def server_block() -> tuple[float, float, float]:
+            def server_block() -> tuple[float, float, float, float]:
                 calls, images_before = batch_stats(metrics_url)
                 rps = load(predict_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
                 calls_after, images_after = batch_stats(metrics_url)
                 grpc_rps = grpc_load(grpc_target, grpc_file, IN_FLIGHT, args.round_seconds)["rps"]
-                return rps, (images_after - images_before) / max(1.0, calls_after - calls), grpc_rps
+                bare_rps = load(bare_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
+                batch = (images_after - images_before) / max(1.0, calls_after - calls)
+                return rps, batch, grpc_rps, bare_rps
 
             rounds = alternate(
                 lambda: model.ceilings(in_flight=IN_FLIGHT, streams=workers, seconds=args.round_seconds),
@@ -701,7 +766,7 @@ def report(
     served: dict[int, dict[str, float]],
     served_grpc: dict[int, dict[str, float]],
     naive: dict[int, dict[str, float]],
-    rounds: list[tuple[tuple[float, float], tuple[float, float, float]]],
+    rounds: list[tuple[tuple[float, float], tuple[float, float, float, float]]],
     log_rounds: list[tuple[float, float]],
     single: tuple[float, float],
     grpc_single: float,
@@ -711,8 +776,10 @@ def report(
     ceiling_one = statistics.median(ceilings[0] for ceilings, _ in rounds)
     ceiling_many = statistics.median(ceilings[1] for ceilings, _ in rounds)
     server_32 = statistics.median(server for _, (server, *_) in rounds)
-    grpc_ratio = statistics.median(grpc / max(ceilings) for ceilings, (_, _, grpc) in rounds)
-    grpc_32 = statistics.median(grpc for _, (_, _, grpc) in rounds)
+    grpc_ratio = statistics.median(grpc / max(ceilings) for ceilings, (_, _, grpc, _) in rounds)
+    grpc_32 = statistics.median(grpc for _, (_, _, grpc, _) in rounds)
+    bare_ratio = statistics.median(bare / max(ceilings) for ceilings, (*_, bare) in rounds)
+    of_bare = statistics.median(server / bare for _, (server, _, _, bare) in rounds)
     log_ratios = [on / off for on, off in log_rounds]
     log_ratio = sum(on for on, _ in log_rounds) / sum(off for _, off in log_rounds)
     log_q1, _, log_q3 = statistics.quantiles(log_ratios, n=4) if len(log_ratios) > 1 else (log_ratio,) * 3
@@ -736,13 +803,15 @@ def report(
     split = f"{workers} x {IN_FLIGHT // workers}"
     round_rows = "\n".join(
         f"| {i + 1} | {one:.1f} | {many:.1f} | {server:.1f} | {batch:.1f} | {server / one:.2f} | "
-        f"{server / max(one, many):.2f} | {grpc:.1f} | {grpc / max(one, many):.2f} |"
-        for i, ((one, many), (server, batch, grpc)) in enumerate(rounds)
+        f"{server / max(one, many):.2f} | {grpc:.1f} | {grpc / max(one, many):.2f} | {bare:.1f} | "
+        f"{bare / max(one, many):.2f} |"
+        for i, ((one, many), (server, batch, grpc, bare)) in enumerate(rounds)
     )
     round_header = (
         f"| round | ceiling, one call (img/s) | ceiling, {split} (img/s) "
         f"| server c={IN_FLIGHT} (req/s) | mean batch | ratio to one call | ratio to the faster "
-        f"| gRPC c={IN_FLIGHT} (req/s) | gRPC ratio to the faster |"
+        f"| gRPC c={IN_FLIGHT} (req/s) | gRPC ratio to the faster | bare c={IN_FLIGHT} (req/s) "
+        f"| bare ratio to the faster |"
     )
     home = f"TFLOOP_HOME={os.environ['TFLOOP_HOME']} " if os.environ.get("TFLOOP_HOME") else ""
     command = home + " ".join(["python benchmarks/serving.py", *sys.argv[1:]])
@@ -773,8 +842,15 @@ load), and one call at a time at its best batch size (the faster of batch {small
 headline ratio is against that faster ceiling; the ratio to one call alone is shown beside it.
 
 {round_header}
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {round_rows}
+
+The bare server (last two columns; `--bare-server` of this script) is the least an HTTP server around the
+model does: uvicorn with serving's protocol, a bare ASGI callable that decodes the one image and awaits it
+from the server's own model manager and dynamic batcher, with the same settings, and nothing else (no
+FastAPI, checks, metrics, prediction log or error handling). It runs beside the tfloop server, driven the
+same way in the same rounds: what it reaches is what the HTTP plumbing and the load generator leave of the
+ceiling on this machine, **{bare_ratio:.2f}**, and tfloop serves **{of_bare:.2f}** of what it serves.
 
 gRPC (`tensorflow.serving.PredictionService/Predict`, one JPEG as `image_bytes` of `serving_default`, the
 same server process and batcher), driven by an asyncio gRPC client in its own process, all callers on one
