@@ -128,11 +128,11 @@ class ServingApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = self.lane
-        match = lane.fast_match(scope) if lane is not None and scope["type"] == "http" else None
-        if match is None:
+        match = lane.fast_match(scope) if lane is not None else None
+        if lane is None or match is None:
             await super().__call__(scope, receive, send)
         else:
-            await lane.serve(scope, receive, send, match)  # type: ignore[union-attr]
+            await lane.serve(scope, receive, send, match)
 
 
 def create_app(settings: ServingSettings) -> ServingApp:
@@ -289,7 +289,7 @@ def _add_routes(app: FastAPI) -> None:
         data = await file.read()
         info = await services.validate(data)
         model = services.manager.require()
-        prediction = await predict_image(services, model, data, where="file")
+        prediction = await predict_image(services, model, data, where="file", info=info)
         response.headers[MODEL_VERSION_HEADER] = str(prediction.model_version)
         top_k = list(zip(prediction.classes, prediction.scores, strict=True))
         image_sha256 = hashlib.sha256(data).hexdigest()

@@ -267,21 +267,26 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise PayloadTooLarge(
                 f"the request has {len(images)} images, over the limit of {settings.max_instances}; split it"
             )
+        headers = []
         for index, image in enumerate(images):
             try:
-                check_image_header(image, max_pixels=settings.max_image_pixels)
+                headers.append(check_image_header(image, max_pixels=settings.max_image_pixels))
             except ServingError as error:
                 raise type(error)(f"{name}[{index}]: {error}") from error
         if len(images) == 1:
             predictions = [
-                await predict_image(self.services, model, images[0], where=f"{name}[0]", protocol="grpc")
+                await predict_image(
+                    self.services, model, images[0], where=f"{name}[0]", info=headers[0], protocol="grpc"
+                )
             ]
         else:
             predictions = list(
                 await asyncio.gather(
                     *(
-                        predict_image(self.services, model, image, where=f"{name}[{i}]", protocol="grpc")
-                        for i, image in enumerate(images)
+                        predict_image(
+                            self.services, model, image, where=f"{name}[{i}]", info=header, protocol="grpc"
+                        )
+                        for i, (image, header) in enumerate(zip(images, headers, strict=True))
                     )
                 )
             )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -105,3 +110,23 @@ class ServingMetrics:
             ["result"],
             registry=self.registry,
         )
+
+
+def observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """Observe ``values`` on one histogram (a metric without labels, or one label set's child) as one
+    ``observe`` per value would, taking one lock per bucket touched instead of two per value. Falls back to
+    ``observe`` one by one where prometheus_client keeps its buckets differently."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if not values:
+        return
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    top = bounds[-1]
+    counts = Tally(bisect_left(bounds, value) for value in values if value <= top)  # NaN: in no bucket
+    for index, count in counts.items():
+        buckets[index].inc(count)
+    total.inc(sum(float(value) for value in values))

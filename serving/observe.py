@@ -30,8 +30,8 @@ from typing import TypeVar
 
 import storage
 from serving.errors import ServingError
-from serving.images import check_image_header
-from serving.metrics import ServingMetrics
+from serving.images import ImageInfo, check_image_header
+from serving.metrics import ServingMetrics, observe_all
 from serving.model import Prediction, ServedModel
 from serving.review import ReviewItem, ReviewQueue
 from serving.settings import ServingSettings
@@ -47,6 +47,7 @@ TOP_K_LOGGED = 5
 # flush lets go of it after every few records.
 YIELD_EVERY = 32
 EXPIRY_EVERY_S = 60.0
+UNKNOWN_IMAGE = ImageInfo("unknown", "bin", 0, 0)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Observation:
     at: float
     live: bool
     shadow: ShadowAnswer | None = None
+    info: ImageInfo | None = None  # the header the request path read, when it did
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Measured:
     record: PredictionRecord
     logged: bool
     review: ReviewCandidate | None
+    top1: float
 
 
 def writer_id() -> str:
@@ -213,9 +216,15 @@ class PredictionObserver:
             tally: Counter[tuple[str, str, str]] = Counter()  # (version, top label, format)
             records: list[PredictionRecord] = []
             candidates: dict[str, ReviewCandidate] = {}
+            top1_by_version: dict[str, list[float]] = {}
+            sizes: list[float] = []
+            pixels: list[float] = []
             for observation in _yielding(observations):
                 measured = self._measure(observation)
                 record = measured.record
+                top1_by_version.setdefault(str(record.model_version), []).append(measured.top1)
+                sizes.append(record.bytes)
+                pixels.append(record.width * record.height)
                 tally[
                     str(record.model_version), record.top_k[0][0] if record.top_k else "", record.format
                 ] += 1
@@ -226,6 +235,10 @@ class PredictionObserver:
                     known = candidates.get(candidate.record.sha256)
                     if known is None or candidate.record.margin < known.record.margin:
                         candidates[candidate.record.sha256] = candidate
+            for version, values in top1_by_version.items():
+                observe_all(self.metrics.confidence.labels(version), values)
+            observe_all(self.metrics.input_bytes, sizes)
+            observe_all(self.metrics.input_pixels, pixels)
             for (version, label, image_format), count in tally.items():
                 self.metrics.predicted_class.labels(version, label).inc(count)
                 self.metrics.input_format.labels(image_format).inc(count)
@@ -239,15 +252,13 @@ class PredictionObserver:
     def _measure(self, observation: Observation) -> Measured:
         prediction = observation.prediction
         confidence = confidence_of(prediction.probabilities)
-        version = str(prediction.model_version)
-        self.metrics.confidence.labels(version).observe(confidence.top1)
-        self.metrics.input_bytes.observe(len(observation.image))
-        try:
-            info = check_image_header(observation.image, max_pixels=self.settings.max_image_pixels)
-            image_format, extension, width, height = info.format, info.extension, info.width, info.height
-        except ServingError:  # answered, so the model decoded it; Pillow's header reader disagreed
-            image_format, extension, width, height = "unknown", "bin", 0, 0
-        self.metrics.input_pixels.observe(width * height)
+        info = observation.info
+        if info is None:
+            try:
+                info = check_image_header(observation.image, max_pixels=self.settings.max_image_pixels)
+            except ServingError:  # answered, so the model decoded it; Pillow's header reader disagreed
+                info = UNKNOWN_IMAGE
+        image_format, extension, width, height = info.format, info.extension, info.width, info.height
         record = PredictionRecord(
             sha256=hashlib.sha256(observation.image).hexdigest(),
             model_name=observation.model_name,
@@ -280,7 +291,7 @@ class PredictionObserver:
         logged = self.settings.prediction_log and (sample >= 1.0 or random.random() < sample)
         if not logged:
             self._sampled_out += 1
-        return Measured(record=record, logged=logged, review=review)
+        return Measured(record=record, logged=logged, review=review, top1=confidence.top1)
 
     def _write_log(self, records: list[PredictionRecord]) -> None:
         records = self._unwritten + records

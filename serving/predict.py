@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving import tfserving
 from serving.errors import InvalidInput, NotFound, ServingError
-from serving.images import check_image_header
+from serving.images import ImageInfo, check_image_header
 from serving.middleware import INTERNAL_ERROR
 from serving.model import DEFAULT_SIGNATURE, ImageJob, Prediction, ServedModel, VersionStatus
 from serving.observe import Observation
@@ -85,7 +85,7 @@ class PredictLane:
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]) -> None:
         """:meth:`answer` with what the metrics middleware does for requests that pass through it: the
-        in-flight count and the request metrics."""
+        in-flight count and the request metrics (a client that left before its answer is not counted)."""
         started = time.perf_counter()
         in_flight = self.services.in_flight
         in_flight.enter()
@@ -93,6 +93,8 @@ class PredictLane:
             status = await self.answer(scope, receive, send, match)
         finally:
             in_flight.leave()
+        if not status:
+            return
         route = scope["route"].path
         recorder = self._recorders.get((route, status))
         if recorder is None:
@@ -223,10 +225,16 @@ async def predict_route(
 
 
 async def predict_image(
-    services: Services, model: ServedModel, data: bytes, *, where: str, protocol: str = "rest"
+    services: Services,
+    model: ServedModel,
+    data: bytes,
+    *,
+    where: str,
+    info: ImageInfo | None = None,
+    protocol: str = "rest",
 ) -> Prediction:
-    """One image (header checked) classified by ``model`` through the dynamic batcher; a model failure on
-    it alone is the client's 400. The answer is handed to the observer (log, review, shadow)."""
+    """One image (header checked: ``info``) classified by ``model`` through the dynamic batcher; a model
+    failure on it alone is the client's 400. The answer is handed to the observer (log, review, shadow)."""
     prediction = await _batched(services, model, data, where=where)
     observer = services.observer
     if observer is not None:
@@ -238,6 +246,7 @@ async def predict_image(
             protocol=protocol,
             at=time.time(),
             live=model is loaded.live,
+            info=info,
         )
         candidate = loaded.candidate
         if observation.live and candidate is not None and candidate is not model and observer.wants_shadow():
@@ -268,9 +277,11 @@ async def run_predict(services: Services, model: ServedModel, body: Mapping[str,
     specs = model.request_specs(signature_name)
     parsed = tfserving.parse_predict(body, specs, max_instances=services.settings.max_instances)
 
+    headers: list[ImageInfo] = []
+
     def check(data: bytes, where: str) -> None:
         try:  # the model decodes the image; a batch it refuses is screened with a full decode
-            check_image_header(data, max_pixels=services.settings.max_image_pixels)
+            headers.append(check_image_header(data, max_pixels=services.settings.max_image_pixels))
         except ServingError as error:
             raise type(error)(f"{where}: {error}") from error
 
@@ -284,12 +295,14 @@ async def run_predict(services: Services, model: ServedModel, body: Mapping[str,
                 tfserving.decode_strings, values, name=input_name, validate=check
             )
         if len(images) == 1:
-            predictions = [await predict_image(services, model, images[0], where=f"{input_name}[0]")]
+            predictions = [
+                await predict_image(services, model, images[0], where=f"{input_name}[0]", info=headers[0])
+            ]
         else:
             predictions = await asyncio.gather(
                 *(
-                    predict_image(services, model, image, where=f"{input_name}[{i}]")
-                    for i, image in enumerate(images)
+                    predict_image(services, model, image, where=f"{input_name}[{i}]", info=header)
+                    for i, (image, header) in enumerate(zip(images, headers, strict=True))
                 )
             )
         return tfserving.format_rows([p.outputs() for p in predictions], parsed.format)

@@ -747,3 +747,27 @@ def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
         assert raw.events.count(head) == 2
 
     asyncio.run(scenario())
+
+
+def test_observing_many_values_at_once_counts_as_observing_each() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from serving.metrics import observe_all
+
+    values = [0.05, 0.1, 0.1000001, 0.5, 0.95, 1.0, 3.0, 0, 7, float("nan"), 0.99]
+    expositions = []
+    for together in (False, True):
+        registry = CollectorRegistry()
+        plain = Histogram("plain", "h", buckets=(0.1, 0.5, 1.0), registry=registry)
+        labelled = Histogram("labelled", "h", ["version"], buckets=(0.1, 0.5, 1.0), registry=registry)
+        for histogram in (plain, labelled.labels("7")):
+            if together:
+                observe_all(histogram, values)
+                observe_all(histogram, [])
+            else:
+                for value in values:
+                    histogram.observe(value)
+        text = generate_latest(registry).decode()
+        expositions.append("\n".join(line for line in text.splitlines() if "_created" not in line))
+    assert expositions[0] == expositions[1]
+    assert 'plain_bucket{le="0.1"} 3.0' in expositions[1] and "plain_count 10.0" in expositions[1]
