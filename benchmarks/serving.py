@@ -1,8 +1,9 @@
 """Serving benchmark: requests/s and p50/p99 latency of the tfloop server at concurrency 1, 8 and 32,
 beside the same SavedModel called in-process at its best batch size (the ceiling on this machine) and
 beside a naive server that runs one model call per request, and TF Serving's gRPC API of the same server
-process (``Predict`` with the image bytes, driven by an asyncio gRPC client in its own process) beside REST.
-Writes its section of BENCHMARKS.md.
+process (``Predict`` with the image bytes, driven by an asyncio gRPC client in its own process) beside REST,
+and beside a bare server: uvicorn around the server's own batcher and model with nothing else, what the HTTP
+plumbing alone leaves of the ceiling. Writes its section of BENCHMARKS.md.
 
 Usage: ``python benchmarks/serving.py [--seconds 8] [--rounds 7] [--model-base DIR --model-name NAME]``
 (``make bench`` installs wrk first, the load generator it prefers; without it a Python client drives the
