@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -706,14 +707,31 @@ def main() -> None:
             direct_single, served_single = interleaved_single(predict_url, bodies, model, args.singles)
             grpc_single = interleaved_grpc_single(grpc_target, grpc_requests, model, args.singles)
 
+            turns = itertools.count()
+
             def server_block() -> tuple[float, float, float, float]:
-                calls, images_before = batch_stats(metrics_url)
-                rps = load(predict_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
-                calls_after, images_after = batch_stats(metrics_url)
-                grpc_rps = grpc_load(grpc_target, grpc_file, IN_FLIGHT, args.round_seconds)["rps"]
-                bare_rps = load(bare_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
-                batch = (images_after - images_before) / max(1.0, calls_after - calls)
-                return rps, batch, grpc_rps, bare_rps
+                """tfloop over REST, over gRPC, and the bare server, in an order that turns by one each
+                round, so that none always runs first after the ceiling on a drifting machine."""
+                readings: dict[str, float] = {}
+
+                def rest() -> None:
+                    calls, images_before = batch_stats(metrics_url)
+                    served_block = load(predict_url, bodies, IN_FLIGHT, args.round_seconds, scratch)
+                    readings["rest"] = served_block["rps"]
+                    calls_after, images_after = batch_stats(metrics_url)
+                    readings["batch"] = (images_after - images_before) / max(1.0, calls_after - calls)
+
+                def grpc() -> None:
+                    readings["grpc"] = grpc_load(grpc_target, grpc_file, IN_FLIGHT, args.round_seconds)["rps"]
+
+                def bare() -> None:
+                    readings["bare"] = load(bare_url, bodies, IN_FLIGHT, args.round_seconds, scratch)["rps"]
+
+                blocks = [rest, grpc, bare]
+                shift = next(turns) % len(blocks)
+                for block in blocks[shift:] + blocks[:shift]:
+                    block()
+                return readings["rest"], readings["batch"], readings["grpc"], readings["bare"]
 
             rounds = alternate(
                 lambda: model.ceilings(in_flight=IN_FLIGHT, streams=workers, seconds=args.round_seconds),
@@ -850,8 +868,9 @@ The bare server (last two columns; `--bare-server` of this script) is the least 
 model does: uvicorn with serving's protocol, a bare ASGI callable that decodes the one image and awaits it
 from the server's own model manager and dynamic batcher, with the same settings, and nothing else (no
 FastAPI, checks, metrics, prediction log or error handling). It runs beside the tfloop server, driven the
-same way in the same rounds: what it reaches is what the HTTP plumbing and the load generator leave of the
-ceiling on this machine, **{bare_ratio:.2f}**, and tfloop serves **{of_bare:.2f}** of what it serves.
+same way in the same rounds (the three server blocks of a round take turns at going first): what it
+reaches is what the HTTP plumbing and the load generator leave of the ceiling on this machine,
+**{bare_ratio:.2f}**, and tfloop serves **{of_bare:.2f}** of what it serves.
 
 gRPC (`tensorflow.serving.PredictionService/Predict`, one JPEG as `image_bytes` of `serving_default`, the
 same server process and batcher), driven by an asyncio gRPC client in its own process, all callers on one
