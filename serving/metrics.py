@@ -116,11 +116,11 @@ def observe_all(histogram: Any, values: Sequence[float]) -> None:
     """Observe ``values`` on one histogram (a metric without labels, or one label set's child) as one
     ``observe`` per value would, taking one lock per bucket touched instead of two per value. Falls back to
     ``observe`` one by one where prometheus_client keeps its buckets differently."""
+    if not values:
+        return
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
-    if not values:
-        return
     if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
         for value in values:
             histogram.observe(value)
