@@ -128,8 +128,9 @@ def rpc(
             finally:
                 if counted:
                     services.in_flight.leave()
-                services.metrics.requests.labels("grpc", "POST", method, code.name).inc()
-                services.metrics.latency.labels("grpc", "POST", method).observe(time.perf_counter() - started)
+                services.metrics.record_request(
+                    "grpc", "POST", method, code.name, time.perf_counter() - started
+                )
             await context.abort(code, message)
             raise AssertionError("unreachable: abort raises")
 

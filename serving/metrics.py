@@ -23,6 +23,7 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "tfloop_requests",
             "Requests by protocol (rest, grpc), route (gRPC: the full method name) and status (gRPC: the "
@@ -110,6 +111,20 @@ class ServingMetrics:
             ["result"],
             registry=self.registry,
         )
+
+    def record_request(self, protocol: str, method: str, route: str, status: str, seconds: float) -> None:
+        """Count one answered request and observe its latency (the label sets' children are looked up once:
+        this runs on every request of every protocol)."""
+        key = (protocol, method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(protocol, method, route, status),
+                self.latency.labels(protocol, method, route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def observe_all(histogram: Any, values: Sequence[float]) -> None:

@@ -131,8 +131,7 @@ class MetricsMiddleware:
         finally:
             if counted:
                 self.in_flight.leave()
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            method = scope.get("method", "")
-            self.metrics.requests.labels("rest", method, template, str(status)).inc()
-            self.metrics.latency.labels("rest", method, template).observe(time.perf_counter() - started)
+            template = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.record_request(
+                "rest", scope.get("method", ""), template, str(status), time.perf_counter() - started
+            )

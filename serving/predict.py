@@ -58,7 +58,6 @@ class PredictLane:
         self.services = services
         self.routes = routes  # by the keys of PREDICT_ROUTES: for the metrics' route label
         self._max_body_bytes = services.settings.max_body_bytes
-        self._recorders: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     @staticmethod
     def match(scope: Scope) -> re.Match[str] | None:
@@ -93,19 +92,10 @@ class PredictLane:
             status = await self.answer(scope, receive, send, match)
         finally:
             in_flight.leave()
-        if not status:
-            return
-        route = scope["route"].path
-        recorder = self._recorders.get((route, status))
-        if recorder is None:
-            metrics = self.services.metrics
-            recorder = (
-                metrics.requests.labels("rest", "POST", route, str(status)),
-                metrics.latency.labels("rest", "POST", route),
+        if status:
+            self.services.metrics.record_request(
+                "rest", "POST", scope["route"].path, str(status), time.perf_counter() - started
             )
-            self._recorders[(route, status)] = recorder
-        recorder[0].inc()
-        recorder[1].observe(time.perf_counter() - started)
 
     async def answer(self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]) -> int:
         """Read the body, predict, send the answer; its HTTP status (0 when the client left first)."""
